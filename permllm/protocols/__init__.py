@@ -1,0 +1,32 @@
+"""Protocol ops of PermLLM, each an awaitable with one branch per party.
+
+Layer: above :mod:`permllm.net` (it sends tagged messages on Channels), below
+:mod:`permllm.model` (which calls the ops in a forward pass). Every op runs in a
+:class:`Party` context whose ``phase`` selects the branch:
+
+* ``setup`` — once per session: seeds (:meth:`Party.establish_seeds`) and the
+  masked weights (:func:`setup_weight`).
+* ``offline`` — the helper (the dealer) derives every correlation from the s_MH and
+  s_UH streams and sends it to the model party; the user sends its offline linear
+  messages. Nothing here depends on the prompt or on M's shares.
+* ``online`` — M and U only. Linear layers are local; each non-linear costs one
+  round trip; a shared×shared product two hops.
+
+Each op's docstring says what each party learns.
+"""
+from .config import DEFAULT_RATIO, FLOAT32_RATIO, ShareConfig
+from .embedding import embed
+from .linear import linear, reshare, setup_weight
+from .matmul import matmul_shared
+from .nonlinear import gelu, layer_norm, rms_norm, silu, softmax, swiglu
+from .party import Party, ProtocolError, Role
+from .permute import Perm, apply_permuted, permute_reveal, reshare_unpermute
+from .prg import stream, uniform_mask
+
+__all__ = [
+    "DEFAULT_RATIO", "FLOAT32_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
+    "setup_weight", "linear", "reshare", "matmul_shared", "embed",
+    "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
+    "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",
+    "stream", "uniform_mask",
+]

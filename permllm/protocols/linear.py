@@ -1,0 +1,207 @@
+"""Linear layers with the model party's private weights (DESIGN.md §3).
+
+Setup, once per weight W (M holds it): U_W comes from the s_MH stream, so H can
+regenerate it; M sends D = W − U_W to U. Per use, with the user's input share x_U
+derivable by H (the *U-share invariant*):
+
+* offline: U sends x_U·D + t to M; H sends x_U·U_W − t − r to M (t, r from s_UH);
+  M adds them into x_U·W − r.
+* online: M computes z_M = x_M·W + (x_U·W − r) + bias; U's share is z_U = r.
+  **No online message**, and U's new share is again H-derivable.
+
+When U's share is not H-derivable (a one-hot token it chose, the output of a
+shared product), :func:`reshare` first swaps it for a derivable one: one online
+message U → M.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .party import Party, ProtocolError, Role
+
+__all__ = ["setup_weight", "linear", "reshare", "WeightKind"]
+
+WeightKind = str  # "dense": x @ W.T (W: out×in) · "transposed": x @ W (W: in×out) · "diag": x * w
+SETUP_CHUNK = 1 << 22  # elements per setup message (32 MiB in float64)
+
+
+@dataclass(slots=True)
+class _Weight:
+    """What one party keeps of a private weight after setup."""
+
+    shape: tuple[int, ...]
+    scale: float            # public: max |W|; U_W has width R·scale
+    value: np.ndarray | None = None   # M: W; U: D = W − U_W; H: U_W (regenerated lazily)
+    chunks: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+def _chunk_rows(shape: tuple[int, ...]) -> int:
+    row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, SETUP_CHUNK // max(row, 1))
+
+
+def _uw_chunk(p: Party, name: str, shape: tuple[int, ...], scale: float, i: int, rows: int) -> np.ndarray:
+    lo = i * rows
+    n = min(rows, shape[0] - lo)
+    saved, p.token = p.token, -1  # weight masks are per weight, not per token
+    try:
+        return p.mask("mh", name, f"UW{i}", (n, *shape[1:]), p.ratio * scale)
+    finally:
+        p.token = saved
+
+
+async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) -> None:
+    """Setup phase for one private weight (M passes it; U and H pass nothing).
+
+    Learns: U gets D = W − U_W, W hidden by a uniform mask of width R·max|W|
+    (plus the public scalars shape and max|W|); H gets shape and max|W| only;
+    M learns nothing.
+    """
+    kind = "setup"
+    if p.is_model:
+        if weight is None:
+            raise ValueError("the model party must pass the weight")
+        W = np.ascontiguousarray(weight, dtype=p.dtype)
+        scale = float(np.max(np.abs(W))) if W.size else 0.0
+        if not math.isfinite(scale):
+            raise ValueError(f"weight {name!r} contains inf or nan")
+        rows = _chunk_rows(W.shape)
+        chunks = max(1, -(-W.shape[0] // rows))
+        meta = {"shape": list(W.shape), "scale": scale, "chunks": chunks}
+        p.send(Role.HELPER, (kind, name, "meta"), meta)
+        p.send(Role.USER, (kind, name, "meta"), meta)
+        for i in range(chunks):
+            uw = await p.compute(_uw_chunk, p, name, W.shape, scale, i, rows, work=rows * W[0].size)
+            p.send(Role.USER, (kind, name, i), W[i * rows:i * rows + len(uw)] - uw)
+            await p.channels[Role.USER].flush()  # bound memory: one chunk in flight
+        p.weights[name] = _Weight(W.shape, scale, W, chunks)
+        return
+    meta = await p.recv(Role.MODEL, (kind, name, "meta"))
+    if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and isinstance(meta.get("scale"), float)):
+        raise ProtocolError(f"bad setup metadata for weight {name!r}")
+    shape = tuple(int(s) for s in meta["shape"])
+    w = _Weight(shape, meta["scale"], None, int(meta["chunks"]))
+    if p.is_user:
+        D = np.empty(shape, dtype=p.dtype)
+        rows = _chunk_rows(shape)
+        for i in range(w.chunks):
+            part = await p.recv_array(Role.MODEL, (kind, name, i))
+            lo = i * rows
+            if part.shape[1:] != shape[1:] or lo + len(part) > shape[0]:
+                raise ProtocolError(f"setup chunk {i} of {name!r} has shape {part.shape}")
+            D[lo:lo + len(part)] = part
+        w.value = D
+    p.weights[name] = w
+
+
+def _helper_uw(p: Party, name: str) -> np.ndarray:
+    w = p.weights[name]
+    if w.value is None:
+        rows = _chunk_rows(w.shape)
+        w.value = np.concatenate([_uw_chunk(p, name, w.shape, w.scale, i, rows) for i in range(w.chunks)])
+    return w.value
+
+
+def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray) -> np.ndarray:
+    if kind == "dense":
+        return x @ W.T
+    if kind == "transposed":
+        return x @ W
+    if kind == "diag":
+        return x * W
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def _n_in(kind: WeightKind, shape: tuple[int, ...]) -> int:
+    return 1 if kind == "diag" else (shape[1] if kind == "dense" else shape[0])
+
+
+async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_in: float, mag_out: float,
+                 kind: WeightKind = "dense", bias: np.ndarray | None = None,
+                 derivable: bool = True, in_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """[z] = [x]·W (+ bias) with M's private weight ``weight``; zero online messages.
+
+    ``mag_in``/``mag_out`` are public magnitude bounds of x and z that size the masks.
+    With ``derivable=False`` U's input share is first swapped by :func:`reshare`
+    (one online message U → M; offline, ``in_shape`` gives the input's shape).
+
+    Learns: M receives x_U·D + t (hidden by t of width R·|D·x|) and
+    x_U·U_W − t − r; their sum x_U·W − r stays hidden by r (width R·mag_out).
+    U and H learn nothing new. U's output share is r (H-derivable).
+    """
+    if not derivable:
+        x = await reshare(p, name + ".in", x, mag=mag_in, shape=in_shape)
+    w = p.weights.get(weight)
+    if w is None:
+        raise ProtocolError(f"weight {weight!r} was not set up")
+    R = p.ratio
+    if p.phase == "offline":
+        if p.is_model:
+            a = await p.recv_array(Role.USER, p.tag("linear", name, "u"))
+            b = await p.recv_array(Role.HELPER, p.tag("linear", name, "h"), a.shape)
+            p.keep(name, a + b)
+            return None
+        assert x is not None
+        n_in = _n_in(kind, w.shape)
+        # t hides x_U·D, whose x-dependent part (M knows D and x_M) is D·x ~ R·|W|·|x|·√n.
+        width_t = R * R * w.scale * mag_in * math.sqrt(n_in)
+        if p.is_user:
+            y = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(n_in, 1))
+        else:
+            uw = _helper_uw(p, weight)
+            y = await p.compute(_apply, kind, x, uw, work=x.size * uw.size // max(n_in, 1))
+        t = p.mask("uh", name, "t", y.shape, width_t)
+        r = p.mask("uh", name, "r", y.shape, R * mag_out)
+        if p.is_user:
+            p.send(Role.MODEL, p.tag("linear", name, "u"), y + t)
+            p.keep(name, r)
+        else:
+            p.send(Role.MODEL, p.tag("linear", name, "h"), y - t - r)
+        return r
+    if p.phase != "online" or p.is_helper:
+        raise ProtocolError(f"linear {name!r}: the {p.role.value} party has no {p.phase} branch")
+    if p.is_user:
+        return p.take(name)
+    assert x is not None
+    corr = p.take(name)
+    z = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(_n_in(kind, w.shape), 1))
+    z += corr
+    if bias is not None:
+        z += bias
+    return z
+
+
+async def reshare(p: Party, name: str, x: np.ndarray | None, *, mag: float,
+                  shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Swap U's share for an H-derivable one; 1 online message U → M.
+
+    U sends x_U − r (r from s_UH, width R·mag); M's share becomes x_M + x_U − r and U's
+    becomes r. If M passes ``None`` its share is taken as 0 (U's clear input).
+    Offline, U and H pass the share (only its shape is used) or ``shape``, and get r.
+
+    Learns: M sees x − x_M − r, i.e. x hidden by r (ratio R). H learns nothing (no message).
+    """
+    if p.phase == "offline":
+        if p.is_model:
+            return None
+        shp = tuple(shape) if x is None and shape is not None else getattr(x, "shape", None)
+        if shp is None:
+            raise ProtocolError(f"reshare {name!r}: offline needs the share's shape")
+        r = p.mask("uh", name, "r", shp, p.ratio * mag)
+        if p.is_user:
+            p.keep(name, r)
+        return r
+    if p.is_user:
+        r = p.take(name)
+        if x is None or x.shape != r.shape:
+            raise ProtocolError(f"reshare {name!r}: share shape differs from the offline one")
+        p.send(Role.MODEL, p.tag("reshare", name, "u"), np.asarray(x, dtype=p.dtype) - r)
+        return r
+    if p.is_model:
+        d = await p.recv_array(Role.USER, p.tag("reshare", name, "u"), None if x is None else x.shape)
+        return d.copy() if x is None else x + d
+    raise ProtocolError(f"reshare {name!r}: the helper has no online branch")

@@ -1,0 +1,96 @@
+"""Shared × shared matmul against a growing cache (q·Kᵀ and P·V in attention).
+
+[C] = [A]·[B]ᵀ (``transpose_b``) or [A]·[B], where B is a cache that grows by
+appending the new rows' shares each token (the KV cache); only the new rows are
+opened, once. With α, β from s_MH (H knows them) and U's shares H-derivable:
+
+* offline: H sends c = α·B_Uᵀ + A_U·βᵀ + ρ to M (ρ from s_UH).
+* online hop 1, M → U: A_M − α and the new rows B_M,new − β_new (U appends them to
+  its copy of the opened cache B_M − β).
+* U's share C_U = (A_M − α)·B_Uᵀ + A_U·(B_M − β + B_U)ᵀ − ρ, which H cannot derive, so
+* online hop 2, U → M: C_U − r; M's share becomes A_M·B_Mᵀ + c + C_U − r = C − r and
+  U's is r (H-derivable again).
+
+Learns: U sees A_M and B_M hidden by α, β (width R·mag); M receives c and C_U − r,
+hidden by ρ (width R·|secret-dependent part| = R²·mag_a·mag_b·√k) and r (width
+R·mag_out); H learns nothing.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .party import Party, ProtocolError, Role
+
+__all__ = ["matmul_shared"]
+
+
+def _mm(a: np.ndarray, b: np.ndarray, transpose_b: bool) -> np.ndarray:
+    return a @ np.swapaxes(b, -1, -2) if transpose_b else a @ b
+
+
+def _append(caches: dict, key: str, rows: np.ndarray) -> np.ndarray:
+    old = caches.get(key)
+    new = rows if old is None else np.concatenate([old, rows], axis=-2)
+    caches[key] = new
+    return new
+
+
+async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.ndarray | None, cache: str, *,
+                        transpose_b: bool, mag_a: float, mag_b: float, mag_out: float) -> np.ndarray | None:
+    """[A]·[B]ᵀ or [A]·[B] with B = cache ``cache`` after appending ``b_new`` rows (axis −2); 2 online hops.
+
+    Offline, U and H pass their (H-derivable) shares of A and of the new rows; M passes None.
+    Leading axes broadcast (grouped-query attention: A (kv, g, t, d), B (kv, 1, s, d)).
+    """
+    R = p.ratio
+    if p.phase == "offline":
+        if p.is_model:
+            p.keep(name, await p.recv_array(Role.HELPER, p.tag("smm", name, "c")))
+            return None
+        assert a is not None and b_new is not None
+        bu = _append(p.caches, cache + "/bu", b_new)
+        out_shape = np.broadcast_shapes(a.shape[:-2], bu.shape[:-2]) + (
+            a.shape[-2], bu.shape[-2] if transpose_b else bu.shape[-1])
+        k = a.shape[-1]
+        rho = p.mask("uh", name, "rho", out_shape, R * R * mag_a * mag_b * math.sqrt(k))
+        r = p.mask("uh", name, "r", out_shape, R * mag_out)
+        if p.is_user:
+            p.keep(name, (rho, r, bu.shape[-2]))
+            return r
+        alpha = p.mask("mh", name, "alpha", a.shape, R * mag_a)
+        beta = _append(p.caches, cache + "/beta", p.mask("mh", name, "beta", b_new.shape, R * mag_b))
+        c = await p.compute(lambda: _mm(alpha, bu, transpose_b) + _mm(a, beta, transpose_b) + rho,
+                            work=2 * a.size * bu.shape[-2])
+        p.send(Role.MODEL, p.tag("smm", name, "c"), c)
+        return r
+    if p.is_model:
+        assert a is not None and b_new is not None
+        c = p.take(name)
+        alpha = p.mask("mh", name, "alpha", a.shape, R * mag_a)
+        beta = p.mask("mh", name, "beta", b_new.shape, R * mag_b)
+        p.send(Role.USER, p.tag("smm", name, "open"), [a - alpha, b_new - beta])
+        bm = _append(p.caches, cache + "/bm", b_new)
+        cm = await p.compute(_mm, a, bm, transpose_b, work=a.size * bm.shape[-2])
+        if cm.shape != c.shape:
+            raise ProtocolError(f"matmul_shared {name!r}: product shape {cm.shape} != correlation {c.shape}")
+        d = await p.recv_array(Role.USER, p.tag("smm", name, "u"), c.shape)
+        return cm + c + d
+    if p.is_user:
+        assert a is not None
+        rho, r, n_rows = p.take(name)
+        opened = await p.recv(Role.MODEL, p.tag("smm", name, "open"))
+        if not (isinstance(opened, list) and len(opened) == 2
+                and all(isinstance(o, np.ndarray) and o.dtype == p.dtype for o in opened)
+                and opened[0].shape == a.shape):
+            raise ProtocolError(f"matmul_shared {name!r}: bad opened values from the model party")
+        ob = _append(p.caches, cache + "/opened", opened[1])
+        bu = p.caches[cache + "/bu"][..., :n_rows, :]
+        if ob.shape != bu.shape:
+            raise ProtocolError(f"matmul_shared {name!r}: opened cache {ob.shape} != own cache {bu.shape}")
+        cu = await p.compute(lambda: _mm(opened[0], bu, transpose_b) + _mm(a, ob + bu, transpose_b) - rho,
+                             work=2 * a.size * n_rows)
+        p.send(Role.MODEL, p.tag("smm", name, "u"), cu - r)
+        return r
+    raise ProtocolError(f"matmul_shared {name!r}: the helper has no online branch")

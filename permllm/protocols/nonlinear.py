@@ -1,0 +1,76 @@
+"""Non-linear layers as permuted ops: softmax, LayerNorm, RMSNorm, GeLU, SiLU, SwiGLU.
+
+Each is :func:`~permllm.protocols.permute.apply_permuted` with a public function
+(2 online hops). Norms permute inside each row and carry no private parameters:
+their affine part folds into the next linear layer, or runs as a zero-round
+diagonal linear (:func:`~permllm.protocols.linear.linear` with ``kind="diag"``).
+
+What each party learns is that of :func:`apply_permuted`: U sees the permuted
+inputs in the clear (the PermLLM trade-off), M and H learn nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import functions as F
+from .party import Party
+from .permute import apply_permuted
+
+__all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu"]
+
+Share = np.ndarray | None
+
+
+async def softmax(p: Party, name: str, x: Share, *, mag_in: float, valid: np.ndarray | None = None,
+                  scale: float = 1.0, shape: tuple[int, ...] | None = None) -> Share:
+    """[softmax(scale·x)] over rows; ``valid`` gives each row's unmasked prefix length (causal mask).
+
+    π keeps each row's valid prefix in front, so U knows which permuted entries are masked
+    (public: positions) but not which key each entry belongs to.
+    """
+    def f(z: np.ndarray) -> np.ndarray:
+        return F.softmax(z, None if valid is None else _rows_valid(z.shape, valid), scale)
+    return await apply_permuted(p, name, [x], f, mags_in=[mag_in], mag_out=1.0, mode="rows",
+                                valid=valid, shape=shape)
+
+
+def _rows_valid(shape: tuple[int, ...], valid: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.asarray(valid), shape[:-1])
+
+
+async def layer_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float = 1e-5,
+                     shape: tuple[int, ...] | None = None) -> Share:
+    """[LayerNorm(x)] without affine (γ, β fold into the next linear)."""
+    return await apply_permuted(p, name, [x], lambda z: F.layer_norm(z, eps), mags_in=[mag_in],
+                                mag_out=_norm_mag(shape or x.shape), mode="rows", shape=shape)  # type: ignore[union-attr]
+
+
+async def rms_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float = 1e-6,
+                   shape: tuple[int, ...] | None = None) -> Share:
+    """[RMSNorm(x)] without the weight (it folds into the next linear)."""
+    return await apply_permuted(p, name, [x], lambda z: F.rms_norm(z, eps), mags_in=[mag_in],
+                                mag_out=_norm_mag(shape or x.shape), mode="rows", shape=shape)  # type: ignore[union-attr]
+
+
+def _norm_mag(shape: tuple[int, ...]) -> float:
+    # A normalised row has RMS 1, so no entry exceeds sqrt(n).
+    return float(np.sqrt(shape[-1]))
+
+
+async def gelu(p: Party, name: str, x: Share, *, mag_in: float, approximate: bool = False,
+               shape: tuple[int, ...] | None = None) -> Share:
+    """[GeLU(x)], exact or tanh form."""
+    f = F.gelu_tanh if approximate else F.gelu
+    return await apply_permuted(p, name, [x], f, mags_in=[mag_in], mag_out=mag_in, shape=shape)
+
+
+async def silu(p: Party, name: str, x: Share, *, mag_in: float, shape: tuple[int, ...] | None = None) -> Share:
+    """[SiLU(x)]."""
+    return await apply_permuted(p, name, [x], F.silu, mags_in=[mag_in], mag_out=mag_in, shape=shape)
+
+
+async def swiglu(p: Party, name: str, g: Share, u: Share, *, mag_g: float, mag_u: float,
+                 shape: tuple[int, ...] | None = None) -> Share:
+    """[silu(g)·u]: g and u are revealed under the same π, so U multiplies matching entries."""
+    return await apply_permuted(p, name, [g, u], F.swiglu, mags_in=[mag_g, mag_u],
+                                mag_out=mag_g * mag_u, shape=shape)

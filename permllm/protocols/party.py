@@ -1,0 +1,162 @@
+"""The per-party context every protocol op runs in.
+
+A :class:`Party` is one of the three roles (model M, user U, helper H) with its
+channels to the other two, its seeds, the share configuration, and the state ops
+keep between phases: masked weights from the setup phase (``weights``),
+correlations from the offline phase (``store``) and growing attention caches
+(``caches``).
+
+Ops are written once with a branch per role; the current ``phase`` ("setup",
+"offline" or "online") and ``token`` index select which branch runs and key every
+message tag and PRG stream, so many ops can be in flight at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from enum import Enum
+from typing import Any, Callable, Mapping, TypeVar
+
+import numpy as np
+
+from ..net import Channel, Meter
+from .config import ShareConfig
+from .prg import stream, uniform_mask
+
+__all__ = ["Role", "Party", "ProtocolError"]
+
+T = TypeVar("T")
+
+# Work above this many multiply-adds runs in a worker thread so the event loop keeps
+# serving messages of other ops (numpy releases the GIL in BLAS calls).
+THREAD_WORK = 1 << 20
+
+
+class Role(str, Enum):
+    """The three parties of PermLLM."""
+
+    MODEL = "model"
+    USER = "user"
+    HELPER = "helper"
+
+
+class ProtocolError(RuntimeError):
+    """A message that does not fit the op awaiting it (shape, dtype, missing state)."""
+
+
+class Party:
+    """Context of one party: role, channels, seeds, phase, and state kept across phases."""
+
+    __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds")
+
+    def __init__(self, role: Role, channels: Mapping[Role, Channel], config: ShareConfig, meter: Meter) -> None:
+        self.role = Role(role)
+        self.channels = dict(channels)
+        self.config = config
+        self.meter = meter
+        self.phase = "setup"
+        self.token = 0
+        self.store: dict[tuple, Any] = {}
+        self.weights: dict[str, Any] = {}
+        self.caches: dict[str, Any] = {}
+        self._seeds: dict[str, bytes] = {}
+
+    # -- identities -------------------------------------------------------------------
+    @property
+    def is_model(self) -> bool:
+        return self.role is Role.MODEL
+
+    @property
+    def is_user(self) -> bool:
+        return self.role is Role.USER
+
+    @property
+    def is_helper(self) -> bool:
+        return self.role is Role.HELPER
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.config.np_dtype
+
+    @property
+    def ratio(self) -> float:
+        return self.config.ratio
+
+    # -- seeds ------------------------------------------------------------------------
+    async def establish_seeds(self) -> None:
+        """Setup: M draws s_MH and U draws s_UH, each sending it to H only.
+
+        M never learns s_UH and U never learns s_MH; H learns both (it is the dealer).
+        """
+        if self.is_model:
+            self._seeds["mh"] = secrets.token_bytes(32)
+            self.channels[Role.HELPER].send(("seed", "mh"), self._seeds["mh"], phase="setup")
+        elif self.is_user:
+            self._seeds["uh"] = secrets.token_bytes(32)
+            self.channels[Role.HELPER].send(("seed", "uh"), self._seeds["uh"], phase="setup")
+        else:
+            mh = await self.channels[Role.MODEL].recv(("seed", "mh"))
+            uh = await self.channels[Role.USER].recv(("seed", "uh"))
+            for which, s in (("mh", mh), ("uh", uh)):
+                if not isinstance(s, bytes) or len(s) != 32:
+                    raise ProtocolError(f"seed {which} must be 32 bytes")
+                self._seeds[which] = s
+
+    def gen(self, which: str, name: str, *purpose: str | int) -> np.random.Generator:
+        """PRG stream keyed by (seed, op name, current token, purpose)."""
+        try:
+            seed = self._seeds[which]
+        except KeyError:
+            raise ProtocolError(f"the {self.role.value} party does not hold seed s_{which.upper()}") from None
+        return stream(seed, name, self.token, *purpose)
+
+    def mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...], width: float) -> np.ndarray:
+        """A uniform mask of the given width from the (which, name, token, purpose) stream."""
+        return uniform_mask(self.gen(which, name, purpose), tuple(shape), width, self.dtype)
+
+    # -- messages ---------------------------------------------------------------------
+    def tag(self, kind: str, name: str, part: str) -> tuple:
+        return (kind, name, self.token, part)
+
+    def send(self, to: Role, tag: tuple, payload: Any) -> None:
+        """Send in the current phase (counted under that phase)."""
+        self.channels[to].send(tag, payload, phase=self.phase)
+
+    async def recv(self, frm: Role, tag: tuple) -> Any:
+        return await self.channels[frm].recv(tag)
+
+    async def recv_array(self, frm: Role, tag: tuple, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Receive an ndarray of this session's dtype (and shape, when given), else ProtocolError."""
+        a = await self.recv(frm, tag)
+        check_array(a, self.dtype, shape, f"message {tag} from {frm.value}")
+        return a
+
+    async def compute(self, fn: Callable[..., T], *args: Any, work: int = 0) -> T:
+        """Run ``fn(*args)``; in a worker thread when ``work`` (multiply-adds) is large."""
+        if work >= THREAD_WORK:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    # -- offline state ----------------------------------------------------------------
+    def keep(self, name: str, value: Any) -> None:
+        """Keep an offline product for the online phase of the same op and token."""
+        self.store[(name, self.token)] = value
+
+    def take(self, name: str) -> Any:
+        """Take what the offline phase kept for this op and token (exactly once)."""
+        try:
+            return self.store.pop((name, self.token))
+        except KeyError:
+            raise ProtocolError(
+                f"{self.role.value}: no offline correlation for op {name!r} token {self.token}; "
+                "run the offline phase for this token first") from None
+
+
+def check_array(a: Any, dtype: np.dtype | None, shape: tuple[int, ...] | None, what: str) -> None:
+    """Validate a received array's type, dtype and shape."""
+    if not isinstance(a, np.ndarray):
+        raise ProtocolError(f"{what}: expected an ndarray, got {type(a).__name__}")
+    if dtype is not None and a.dtype != dtype:
+        raise ProtocolError(f"{what}: expected dtype {np.dtype(dtype).name}, got {a.dtype.name}")
+    if shape is not None and tuple(a.shape) != tuple(shape):
+        raise ProtocolError(f"{what}: expected shape {tuple(shape)}, got {tuple(a.shape)}")

@@ -1,0 +1,184 @@
+"""Permute-and-reveal and reshare-unpermute: how non-linear layers are evaluated.
+
+M picks a fresh permutation π per op and token from the s_MH stream (so H knows it
+and U does not). The user sees π(x) in the clear, applies a function that commutes
+with π, and the result is shared again and un-permuted (DESIGN.md §3):
+
+* permute-and-reveal — offline: H sends δ = π(x_U) − b to M (b from s_UH);
+  online, 1 hop M → U: m = π(x_M) + δ; U computes π(x) = m + b.
+* reshare-unpermute of U's clear y′ — offline: H sends γ = π⁻¹(a′) − b′ to M;
+  online, 1 hop U → M: U sends y′ − a′; M sets z_M = π⁻¹(y′ − a′) + γ; z_U = b′.
+
+Permutations act either on all elements ("flat", for element-wise functions) or on
+the last axis of each row independently ("rows", for softmax and norms), where each
+row may have a valid prefix (a causal mask) that π keeps in front.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .party import Party, ProtocolError, Role
+from .prg import flat_permutation, row_permutation
+
+__all__ = ["Perm", "permute_reveal", "reshare_unpermute", "apply_permuted"]
+
+
+class Perm:
+    """A permutation of all elements (``flat``) or of each row's last axis (``rows``)."""
+
+    __slots__ = ("idx", "flat")
+
+    def __init__(self, idx: np.ndarray, flat: bool) -> None:
+        self.idx = idx
+        self.flat = flat
+
+    @classmethod
+    def draw(cls, gen: np.random.Generator, shape: tuple[int, ...], mode: str,
+             valid: np.ndarray | None = None) -> "Perm":
+        if mode == "flat":
+            return cls(flat_permutation(gen, int(np.prod(shape))), True)
+        if mode == "rows":
+            rows = int(np.prod(shape[:-1]))
+            return cls(row_permutation(gen, rows, shape[-1], valid), False)
+        raise ValueError(f"unknown permutation mode {mode!r}")
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """π(x): gather by the indices."""
+        if self.flat:
+            return x.reshape(-1)[self.idx].reshape(x.shape)
+        x2 = x.reshape(-1, x.shape[-1])
+        return np.take_along_axis(x2, self.idx, axis=1).reshape(x.shape)
+
+    def invert(self, y: np.ndarray) -> np.ndarray:
+        """π⁻¹(y): scatter back to the original positions."""
+        out = np.empty_like(y)
+        if self.flat:
+            out.reshape(-1)[self.idx] = y.reshape(-1)
+            return out
+        np.put_along_axis(out.reshape(-1, y.shape[-1]), self.idx, y.reshape(-1, y.shape[-1]), axis=1)
+        return out
+
+
+def _valid_rows(shape: tuple[int, ...], valid: np.ndarray | None) -> np.ndarray | None:
+    """Broadcast a per-row valid length (over the last-but-one axes) to one per flattened row."""
+    if valid is None:
+        return None
+    return np.broadcast_to(np.asarray(valid, dtype=np.int64), shape[:-1]).reshape(-1)
+
+
+def _perm(p: Party, name: str, shape: tuple[int, ...], mode: str, valid: np.ndarray | None) -> Perm:
+    return Perm.draw(p.gen("mh", name, "pi"), shape, mode, _valid_rows(shape, valid))
+
+
+async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *, mags: Sequence[float],
+                         mode: str = "flat", valid: np.ndarray | None = None,
+                         shape: tuple[int, ...] | None = None) -> list[np.ndarray] | None:
+    """Reveal π(x) of each shared input to U, all under the same π; 1 hop M → U.
+
+    ``shape`` is the inputs' shape (M passes it offline, when it has no values).
+    Returns U's clear permuted values; M and H get None (M keeps π for
+    :func:`reshare_unpermute` of the same ``name``).
+
+    Learns: U learns π(x) (the PermLLM leakage) and nothing of π; M receives
+    δ = π(x_U) − b, i.e. x hidden by b (width R·mag); H learns nothing.
+    """
+    R = p.ratio
+    if p.phase == "offline":
+        if p.is_model:
+            deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"))
+            if not isinstance(deltas, list) or len(deltas) != len(mags):
+                raise ProtocolError(f"permute_reveal {name!r}: bad correlation from the helper")
+            p.keep(name + "/reveal", deltas)
+            return None
+        shp = tuple(xs[0].shape)
+        bs = [p.mask("uh", name, f"b{i}", shp, R * m) for i, m in enumerate(mags)]
+        if p.is_user:
+            p.keep(name + "/reveal", bs)
+            return None
+        pi = _perm(p, name, shp, mode, valid)
+        p.send(Role.MODEL, p.tag("perm", name, "delta"), [pi.apply(x) - b for x, b in zip(xs, bs)])
+        return None
+    if p.is_model:
+        deltas = p.take(name + "/reveal")
+        shp = tuple(xs[0].shape)
+        pi = _perm(p, name, shp, mode, valid)
+        p.keep(name + "/pi", pi)
+        ms = []
+        for x, d in zip(xs, deltas):
+            if tuple(d.shape) != shp:
+                raise ProtocolError(f"permute_reveal {name!r}: correlation shape {d.shape} != {shp}")
+            ms.append(pi.apply(x) + d)
+        p.send(Role.USER, p.tag("perm", name, "m"), ms)
+        return None
+    if p.is_user:
+        bs = p.take(name + "/reveal")
+        ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"))
+        if not isinstance(ms, list) or len(ms) != len(bs):
+            raise ProtocolError(f"permute_reveal {name!r}: expected {len(bs)} arrays")
+        out = []
+        for m, b in zip(ms, bs):
+            if not isinstance(m, np.ndarray) or m.shape != b.shape or m.dtype != b.dtype:
+                raise ProtocolError(f"permute_reveal {name!r}: bad array from the model party")
+            out.append(m + b)
+        return out
+    raise ProtocolError(f"permute_reveal {name!r}: the helper has no online branch")
+
+
+async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: float,
+                            mode: str = "flat", valid: np.ndarray | None = None,
+                            shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """Share U's clear permuted ``y`` again and undo π; 1 hop U → M.
+
+    Offline, U and H pass ``shape`` (y's shape). Returns the new share: M gets
+    π⁻¹(y′ − a′) + γ = y − b′, U gets b′ (H-derivable).
+
+    Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
+    their combination y − b′ stays hidden by b′. H learns nothing.
+    """
+    R = p.ratio
+    if p.phase == "offline":
+        if p.is_model:
+            gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"))
+            p.keep(name + "/unperm", gamma)
+            return None
+        if shape is None:
+            raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
+        a = p.mask("uh", name, "a'", shape, R * mag)
+        b = p.mask("uh", name, "b'", shape, R * mag)
+        if p.is_user:
+            p.keep(name + "/unperm", (a, b))
+        else:
+            pi = _perm(p, name, tuple(shape), mode, valid)
+            p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
+        return b
+    if p.is_user:
+        a, b = p.take(name + "/unperm")
+        if y is None or y.shape != a.shape:
+            raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
+        p.send(Role.MODEL, p.tag("unperm", name, "y"), np.asarray(y, dtype=p.dtype) - a)
+        return b
+    if p.is_model:
+        gamma = p.take(name + "/unperm")
+        pi = p.take(name + "/pi")
+        d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"), gamma.shape)
+        return pi.invert(d) + gamma
+    raise ProtocolError(f"reshare_unpermute {name!r}: the helper has no online branch")
+
+
+async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
+                         f: Callable[..., np.ndarray], *, mags_in: Sequence[float], mag_out: float,
+                         mode: str = "flat", valid: np.ndarray | None = None,
+                         shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+    """[f(x₀, x₁, …)] for f commuting with π: permute-and-reveal, f at U, reshare-unpermute.
+
+    Exactly 2 online hops (M → U, U → M). ``f`` must map permuted inputs to a permuted
+    output of the same shape. M passes ``shape`` offline (it has no values then).
+
+    Learns: U learns π(x₀), π(x₁), … and f of them; M and H learn nothing.
+    """
+    shp = tuple(shape) if shape is not None else tuple(xs[0].shape)  # type: ignore[union-attr]
+    clear = await permute_reveal(p, name, xs, mags=mags_in, mode=mode, valid=valid, shape=shp)
+    y = f(*clear) if clear is not None else None
+    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp)
