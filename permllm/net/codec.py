@@ -53,7 +53,7 @@ def _array_ext(code: int, arr: np.ndarray) -> msgpack.ExtType:
         raise TypeError(f"cannot encode an array of dtype {dt.str!r}; allowed: {sorted(_DTYPES)}")
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)  # non-contiguous implies ndim >= 1, so the shape is kept
-    body = msgpack.packb([dt.str, list(arr.shape), arr.data], use_bin_type=True)
+    body = msgpack.packb([dt.str, list(arr.shape), memoryview(arr)], use_bin_type=True)
     return msgpack.ExtType(code, body)
 
 

@@ -80,8 +80,9 @@ class Meter:
 
     def reset(self) -> None:
         """Zero the clocks and drop all counters."""
-        self.clock = dict.fromkeys(PHASES, 0)
-        self.stats = {}
+        for phase in self.clock:
+            self.clock[phase] = 0
+        self.stats.clear()
 
     def snapshot(self) -> dict:
         """JSON-able copy: ``{"clock": {phase: n}, "stats": {"phase/kind": {field: n}}}``."""
