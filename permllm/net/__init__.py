@@ -14,7 +14,7 @@ parties and accounts for them:
 - ``loop``: uvloop when available.
 """
 
-from .channel import PROTOCOL_VERSION, Channel, Tag, open_channel
+from .channel import PROTOCOL_VERSION, Channel, Tag, accept_channel, open_channel
 from .codec import DEFAULT_MAX_FRAME, decode_message, encode_message, packb, unpackb
 from .emulation import LinkEmulator
 from .errors import FrameError, FrameTooLarge, HandshakeError, NetError, PeerClosed
@@ -28,6 +28,6 @@ __all__ = [
     "Transport", "MemoryTransport", "memory_pair", "TcpTransport", "tcp_connect", "tcp_serve",
     "Meter", "Stat", "PHASES",
     "LinkEmulator",
-    "Channel", "Tag", "open_channel", "PROTOCOL_VERSION",
+    "Channel", "Tag", "open_channel", "accept_channel", "PROTOCOL_VERSION",
     "install_uvloop", "run",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any
+from typing import Any, Collection
 
 from .codec import decode_message, encode_message, packb, unpackb
 from .emulation import LinkEmulator
@@ -258,6 +258,8 @@ def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: s
             f"malformed handshake from peer {peer!r}: not a permllm hello: {text[:80]}{'...' if len(text) > 80 else ''}"
         )
     version = hello["permllm"]
+    if isinstance(hello.get("error"), str):
+        raise HandshakeError(f"peer {peer!r} refused the connection: {hello['error']}")
     if version != PROTOCOL_VERSION:
         raise HandshakeError(
             f"protocol version mismatch: this party speaks {PROTOCOL_VERSION}, peer {peer!r} speaks {version!r}"
@@ -317,3 +319,55 @@ async def open_channel(
     channel = Channel(transport, meter, link=link)
     channel.start()
     return channel
+
+
+async def accept_channel(
+    transport: Transport,
+    meter: Meter,
+    *,
+    role: str,
+    peer_roles: Collection[str],
+    link: LinkEmulator | None = None,
+    timeout: float = 30.0,
+) -> tuple[Channel, str, str]:
+    """Server side of the handshake: read the peer's hello first, then answer.
+
+    Used by daemons, which learn the session id and the peer's role from the hello.
+    The peer's version must equal ``PROTOCOL_VERSION`` and its role be one of
+    ``peer_roles``; otherwise the answer carries an ``"error"`` field (so the
+    connecting side's :func:`open_channel` raises HandshakeError with the reason),
+    the transport is closed and HandshakeError raised here. Returns the started
+    channel, the peer's role and the session id.
+    """
+    peer = transport.peer
+    try:
+        try:
+            body = await asyncio.wait_for(transport.recv(), timeout)
+            theirs = unpackb(body)
+        except FrameError as e:
+            raise HandshakeError(f"malformed handshake from peer {peer!r}: {e}") from e
+        meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
+        their_role = theirs.get("role") if isinstance(theirs, dict) else None
+        session = theirs.get("session") if isinstance(theirs, dict) else None
+        answer = {"permllm": PROTOCOL_VERSION, "role": role, "session": session if isinstance(session, str) else ""}
+        try:
+            if their_role not in peer_roles:
+                raise HandshakeError(f"role mismatch: this party ({role!r}) accepts {sorted(peer_roles)}, "
+                                     f"but the peer says it is {their_role!r}")
+            _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer)
+        except HandshakeError as e:
+            answer["error"] = str(e)
+            await asyncio.wait_for(transport.send(packb(answer)), timeout)
+            raise
+        hello = packb(answer)
+        await asyncio.wait_for(transport.send(hello), timeout)
+        meter.on_send("setup", "handshake", len(hello) + _PREFIX_BYTES)
+    except asyncio.TimeoutError:
+        await transport.close()
+        raise asyncio.TimeoutError(f"no handshake from peer {peer!r} within {timeout} s") from None
+    except BaseException:
+        await transport.close()
+        raise
+    channel = Channel(transport, meter, link=link)
+    channel.start()
+    return channel, their_role, session

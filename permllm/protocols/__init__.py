@@ -4,8 +4,8 @@ Layer: above :mod:`permllm.net` (it sends tagged messages on Channels), below
 :mod:`permllm.model` (which calls the ops in a forward pass). Every op runs in a
 :class:`Party` context whose ``phase`` selects the branch:
 
-* ``setup`` — once per session: seeds (:meth:`Party.establish_seeds`) and the
-  masked weights (:func:`setup_weight`).
+* ``setup`` — once per session: seeds (:meth:`Party.establish_seeds`), the
+  masked weights (:func:`setup_weight`) and the user's BFV keys (:func:`setup_bfv`).
 * ``offline`` — the helper (the dealer) derives every correlation from the s_MH and
   s_UH streams and sends it to the model party; the user sends its offline linear
   messages. Nothing here depends on the prompt or on M's shares.
@@ -22,6 +22,8 @@ from .nonlinear import gelu, layer_norm, rms_norm, silu, softmax, swiglu
 from .party import Party, ProtocolError, Role
 from .permute import Perm, apply_permuted, permute_reveal, reshare_unpermute
 from .prg import stream, uniform_mask
+from .sampling import Sampler, choose, make_rng
+from .select import retrieve, select_token, setup_bfv
 
 __all__ = [
     "DEFAULT_RATIO", "FLOAT32_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
@@ -29,4 +31,5 @@ __all__ = [
     "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
     "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",
     "stream", "uniform_mask",
+    "Sampler", "choose", "make_rng", "setup_bfv", "retrieve", "select_token",
 ]

@@ -13,6 +13,7 @@ message tag and PRG stream, so many ops can be in flight at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import secrets
 from enum import Enum
 from typing import Any, Callable, Mapping, TypeVar
@@ -60,6 +61,16 @@ class Party:
         self.weights: dict[str, Any] = {}
         self.caches: dict[str, Any] = {}
         self._seeds: dict[str, bytes] = {}
+
+    def view(self, phase: str, token: int) -> "Party":
+        """The same party (shared channels, seeds and state) in another phase/token.
+
+        Graphs of different tokens or phases run concurrently on separate views, e.g.
+        the offline phase of token t+1 while token t is online.
+        """
+        v = copy.copy(self)
+        v.phase, v.token = phase, token
+        return v
 
     # -- identities -------------------------------------------------------------------
     @property

@@ -109,9 +109,7 @@ async def local_trio(transport: str = "memory", config: ShareConfig | None = Non
 
 
 async def _run(parties: list[Party], phase: str, token: int, graph: Graph) -> list[Any]:
-    for p in parties:
-        p.phase, p.token = phase, token
-    return await gather_fail_fast([graph(p) for p in parties])
+    return await gather_fail_fast([graph(p.view(phase, token)) for p in parties])
 
 
 async def gather_fail_fast(coros: list[Awaitable[Any]]) -> list[Any]:

@@ -1,0 +1,255 @@
+"""The decoder forward pass, written once over an ops backend.
+
+:class:`Forward` reads like the model's equations (``h = await ops.norm(...)``,
+``qkv = await ops.linear(...)``); the backend decides what a value is:
+
+* :class:`PlainOps` — plaintext numpy float64: the reference, and the calibration
+  run that records each op's output magnitude (the public mask sizes).
+* :class:`PrivateOps` — one party's branch of the protocol ops: a value is that
+  party's share (or ``None`` where it has none, e.g. M in the offline phase).
+
+One description (:class:`~permllm.model.arch.Arch` + op names) therefore drives the
+reference and all three parties.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
+from ..protocols import functions as F
+from .arch import Arch, ModelWeights
+from .layout import merge_heads, positions, rope, split_heads, valid_lengths
+
+__all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate"]
+
+Value = Any  # np.ndarray, or None where a party holds no value
+
+
+class StepShape:
+    """Public shape of one step: T new tokens after ``past`` cached ones."""
+
+    __slots__ = ("T", "past", "pos", "block", "valid")
+
+    def __init__(self, arch: Arch, prompt_len: int, step: int) -> None:
+        self.pos, self.block = positions(arch, prompt_len, step)
+        self.T = len(self.pos)
+        self.past = 0 if step == 0 else prompt_len + step - 1
+        self.valid = valid_lengths(arch, self.T, self.past)
+
+
+def weight_names(arch: Arch) -> list[tuple[str, str]]:
+    """(name, kind) of every private weight that needs the masked-weight setup."""
+    out = [("embed", "dense")]
+    for i in range(arch.layers):
+        out += [(f"L{i}.qkv", "dense"), (f"L{i}.o", "dense"), (f"L{i}.mlp_in", "dense"), (f"L{i}.mlp_out", "dense")]
+        if arch.residual == "alpha":
+            out += [(f"L{i}.res_in", "diag"), (f"L{i}.res_post", "diag")]
+    out.append(("final", "diag") if arch.tied_head else ("head", "dense"))
+    return out
+
+
+class Forward:
+    """The decoder: embedding, layers, final norm and head, for one step."""
+
+    def __init__(self, arch: Arch) -> None:
+        self.arch = arch
+
+    async def step(self, ops: "PlainOps | PrivateOps", ids: Any, shape: StepShape) -> Value:
+        """Logits (1, vocab) of the last new token, given the step's token ids (held by U)."""
+        a = self.arch
+        x = await ops.embed("embed", ids, shape.T)
+        if a.pos == "learned":
+            x = ops.add_public(x, "pos_embed", shape.pos)
+        for i in range(a.layers):
+            x = await self.layer(ops, i, x, shape)
+        x = ops.local(lambda v: v[-1:], x)
+        h = await ops.norm("final.n", x, "final.x", (1, a.hidden))
+        if a.tied_head:
+            h = await ops.linear("final", h, "final", "final.n", kind="diag")
+            return await ops.linear("logits", h, "embed", "final")
+        return await ops.linear("logits", h, "head", "final.n")
+
+    async def layer(self, ops: "PlainOps | PrivateOps", i: int, x: Value, s: StepShape) -> Value:
+        a, n, T = self.arch, f"L{i}", s.T
+        ops.note(f"{n}.x", x)
+        h = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden))
+        qkv = await ops.linear(f"{n}.qkv", h, f"{n}.qkv", f"{n}.n1")
+        q, k, v = ops.local_multi(lambda z: split_heads(a, z), qkv, 3)
+        q = ops.note(f"{n}.q", ops.local(lambda z: rope(a, z, s.pos, s.block), q))
+        k = ops.note(f"{n}.k", ops.local(lambda z: rope(a, z, s.pos, s.block), k))
+        v = ops.note(f"{n}.v", v)
+        keys = s.past + T
+        sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
+        pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
+                               (a.kv_heads, a.group, T, keys))
+        att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
+        o = await ops.linear(f"{n}.o", ops.local(lambda z: merge_heads(a, z), att), f"{n}.o", f"{n}.att")
+        if a.residual == "alpha":
+            x = ops.add(await ops.linear(f"{n}.res_in", h, f"{n}.res_in", f"{n}.n1", kind="diag"), o)
+        else:
+            x = ops.add(x, o)
+        ops.note(f"{n}.x2", x)
+        h2 = await ops.norm(f"{n}.n2", x, f"{n}.x2", (T, a.hidden))
+        u = await ops.linear(f"{n}.mlp_in", h2, f"{n}.mlp_in", f"{n}.n2")
+        m = await ops.act(f"{n}.act", u, f"{n}.mlp_in", (T, a.ffn))
+        y = await ops.linear(f"{n}.mlp_out", m, f"{n}.mlp_out", f"{n}.act")
+        if a.residual == "alpha":
+            return ops.add(await ops.linear(f"{n}.res_post", h2, f"{n}.res_post", f"{n}.n2", kind="diag"), y)
+        return ops.add(x, y)
+
+
+def _norm_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
+    eps = arch.norm_eps
+    return (lambda z: F.rms_norm(z, eps)) if arch.norm == "rms" else (lambda z: F.layer_norm(z, eps))
+
+
+def _act_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
+    if arch.act == "swiglu":
+        f = arch.ffn
+        return lambda u: F.swiglu(u[..., :f], u[..., f:])
+    return F.gelu_tanh if arch.act == "gelu_tanh" else F.gelu
+
+
+class PlainOps:
+    """Plaintext float64 backend: the reference forward, recording each op's max |output|."""
+
+    def __init__(self, weights: ModelWeights) -> None:
+        self.w = weights
+        self.arch = weights.arch
+        self.cache: dict[str, np.ndarray] = {}
+        self.mags: dict[str, float] = {}
+        self._norm, self._act = _norm_fn(self.arch), _act_fn(self.arch)
+
+    def reset(self) -> None:
+        self.cache.clear()
+
+    def note(self, name: str, x: np.ndarray) -> np.ndarray:
+        self.mags[name] = max(self.mags.get(name, 0.0), float(np.max(np.abs(x))) if x.size else 0.0)
+        return x
+
+    def local(self, fn: Callable, x: np.ndarray) -> np.ndarray:
+        return fn(x)
+
+    def local_multi(self, fn: Callable, x: np.ndarray, n: int) -> tuple:
+        return fn(x)
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return x + y
+
+    def add_public(self, x: np.ndarray, weight: str, rows: np.ndarray) -> np.ndarray:
+        return self.note("embed+pos", x + self.w[weight][rows])
+
+    async def embed(self, name: str, ids: Any, T: int) -> np.ndarray:
+        return self.note(name, self.w["embed"][np.asarray(ids)])
+
+    async def linear(self, name: str, x: np.ndarray, weight: str, src: str, kind: str = "dense") -> np.ndarray:
+        W = self.w[weight]
+        y = x * W if kind == "diag" else x @ W.T
+        b = self.w.get(weight + ".b")
+        return self.note(name, y if b is None else y + b)
+
+    async def norm(self, name: str, x: np.ndarray, src: str, shape: tuple) -> np.ndarray:
+        return self.note(name, self._norm(x))
+
+    async def smm(self, name: str, a: np.ndarray, b_new: np.ndarray, cache: str, transpose_b: bool,
+                  src_a: str, src_b: str) -> np.ndarray:
+        old = self.cache.get(cache)
+        b = b_new if old is None else np.concatenate([old, b_new], -2)
+        self.cache[cache] = b
+        return self.note(name, a @ np.swapaxes(b, -1, -2) if transpose_b else a @ b)
+
+    async def softmax(self, name: str, s: np.ndarray, valid: np.ndarray, scale: float, src: str,
+                      shape: tuple) -> np.ndarray:
+        return self.note(name, F.softmax(s, valid, scale))
+
+    async def act(self, name: str, u: np.ndarray, src: str, shape: tuple) -> np.ndarray:
+        if self.arch.act == "swiglu":
+            f = self.arch.ffn
+            self.note(name + ".g", u[..., :f])
+            self.note(name + ".u", u[..., f:])
+        return self.note(name, self._act(u))
+
+
+async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
+                    headroom: float = 4.0) -> dict[str, float]:
+    """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence.
+
+    Run by the model party (it holds the weights), with no knowledge of any prompt; the
+    result is sent to the user and the helper in the setup phase.
+    """
+    a = weights.arch
+    n = max(2, min(n_tokens, a.max_positions - 2))
+    ids = np.random.default_rng(seed).integers(0, a.vocab, size=n)
+    ops = PlainOps(weights)
+    fwd = Forward(a)
+    await fwd.step(ops, ids[:-1], StepShape(a, n - 1, 0))
+    await fwd.step(ops, ids[-1:], StepShape(a, n - 1, 1))
+    return {k: max(headroom * v, 1e-3) for k, v in ops.mags.items()}
+
+
+class PrivateOps:
+    """One party's branch of the forward: values are its shares; ops are protocol ops."""
+
+    def __init__(self, p: Party, arch: Arch, mags: dict[str, float], weights: ModelWeights | None,
+                 cache_prefix: str) -> None:
+        self.p, self.arch, self.mags, self.w = p, arch, mags, weights
+        self.prefix = cache_prefix
+        self._norm_op = rms_norm if arch.norm == "rms" else layer_norm
+
+    def _mag(self, name: str) -> float:
+        try:
+            return self.mags[name]
+        except KeyError:
+            raise KeyError(f"no calibrated magnitude for {name!r}") from None
+
+    def note(self, name: str, x: Value) -> Value:
+        return x
+
+    def local(self, fn: Callable, x: Value) -> Value:
+        return None if x is None else fn(x)
+
+    def local_multi(self, fn: Callable, x: Value, n: int) -> tuple:
+        return (None,) * n if x is None else fn(x)
+
+    def add(self, x: Value, y: Value) -> Value:
+        return None if x is None or y is None else x + y
+
+    def add_public(self, x: Value, weight: str, rows: np.ndarray) -> Value:
+        """Public-index rows of a model-only table (learned positions): M adds them to its share."""
+        if self.p.is_model and x is not None:
+            return x + self.w[weight][rows]  # type: ignore[index]
+        return x
+
+    async def embed(self, name: str, ids: Any, T: int) -> Value:
+        return await embed(self.p, name, ids, weight="embed", vocab=self.arch.vocab, n_tokens=T,
+                           mag_out=self._mag(name))
+
+    async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:
+        bias = None
+        if self.p.is_model:
+            bias = self.w.get(weight + ".b")  # type: ignore[union-attr]
+        return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._mag(name), kind=kind,
+                            bias=bias)
+
+    async def norm(self, name: str, x: Value, src: str, shape: tuple) -> Value:
+        return await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape)
+
+    async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
+                  src_a: str, src_b: str) -> Value:
+        return await matmul_shared(self.p, name, a, b_new, f"{self.prefix}{cache}", transpose_b=transpose_b,
+                                   mag_a=self._mag(src_a), mag_b=self._mag(src_b), mag_out=self._mag(name))
+
+    async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
+        return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
+
+    async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:
+        if self.arch.act == "swiglu":
+            f = self.arch.ffn
+            g_, u_ = (None, None) if u is None else (u[..., :f], u[..., f:])
+            return await swiglu(self.p, name, g_, u_, mag_g=self._mag(name + ".g"), mag_u=self._mag(name + ".u"),
+                                shape=shape)
+        return await gelu(self.p, name, u, mag_in=self._mag(src), approximate=self.arch.act == "gelu_tanh",
+                          shape=shape)

@@ -1,0 +1,74 @@
+"""Public, position-dependent linear maps of the attention block.
+
+Splitting the fused QKV output into heads, merging heads back, rotary position
+embeddings (1-D rotate-half as in LLaMA; ChatGLM's 2-D variant), and the
+per-row attention masks. Every map here is linear and public, so each party
+applies it to its own share locally (no message), and the user's share stays
+helper-derivable.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .arch import Arch
+
+__all__ = ["split_heads", "merge_heads", "rope", "positions", "valid_lengths"]
+
+
+def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(T, qkv_out) → q (kv, g, T, hd), k and v (kv, 1, T, hd); query head h uses kv head h // g."""
+    T, hd, H, KV = qkv.shape[0], arch.head_dim, arch.heads, arch.kv_heads
+    q = qkv[:, :H * hd].reshape(T, KV, arch.group, hd).transpose(1, 2, 0, 3)
+    k = qkv[:, H * hd:(H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2)[:, None]
+    v = qkv[:, (H + KV) * hd:].reshape(T, KV, hd).transpose(1, 0, 2)[:, None]
+    return q, k, v
+
+
+def merge_heads(arch: Arch, o: np.ndarray) -> np.ndarray:
+    """(kv, g, T, hd) → (T, heads·hd)."""
+    T = o.shape[2]
+    return o.transpose(2, 0, 1, 3).reshape(T, arch.heads * arch.head_dim)
+
+
+def _rotate(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
+    """Rotate-half RoPE over the last axis of x (…, T, d) at positions ``pos`` (T,)."""
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
+    cos = np.cos(np.concatenate([ang, ang], -1)).astype(x.dtype)
+    sin = np.sin(np.concatenate([ang, ang], -1)).astype(x.dtype)
+    half = d // 2
+    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rot * sin
+
+
+def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None) -> np.ndarray:
+    """Rotary embedding of q or k (…, T, hd); ChatGLM rotates each half by its own id."""
+    if arch.pos == "rope":
+        return _rotate(x, pos, arch.rope_theta)
+    if arch.pos == "rope2d":
+        h = x.shape[-1] // 2
+        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta),
+                               _rotate(x[..., h:], block, arch.rope_theta)], -1)
+    return x
+
+
+def positions(arch: Arch, prompt_len: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Position ids (and ChatGLM block ids) of the tokens fed at ``step`` (0: the prompt).
+
+    ChatGLM: the prompt has positions 0…c−1 and block 0; the k-th generated token keeps the
+    position of the [gMASK] token (the last prompt token here) and has block position k.
+    """
+    if step == 0:
+        pos = np.arange(prompt_len)
+        return pos, (np.zeros(prompt_len, dtype=np.int64) if arch.pos == "rope2d" else None)
+    if arch.pos == "rope2d":
+        return np.array([prompt_len - 1]), np.array([step])
+    return np.array([prompt_len + step - 1]), None
+
+
+def valid_lengths(arch: Arch, T: int, past: int) -> np.ndarray:
+    """Per new row, how many keys (a prefix of the cache) it attends to."""
+    if arch.prefix_bidirectional and past == 0:
+        return np.full(T, T, dtype=np.int64)
+    return past + np.arange(1, T + 1, dtype=np.int64)

@@ -1,0 +1,221 @@
+"""Token selection: sampling on permuted logits, BFV index retrieval, select_token.
+
+The sampling rules are checked for permutation equivariance and against the exact
+truncated softmax; retrieval and select_token run with all three parties over
+memory and TCP and are checked for correctness, hops and who sees what.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from permllm.protocols import (Party, ProtocolError, Role, Sampler, choose, make_rng, retrieve, select_token,
+                               setup_bfv)
+from permllm.runtime import DealtInput, local_trio, run_offline, run_online, run_setup
+
+from .conftest import online_counts
+
+rng = np.random.default_rng(11)
+
+# Chi-square critical values at p = 0.001 for 1..8 degrees of freedom.
+CHI2_001 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322, 8: 26.124}
+
+
+def _truncated_softmax(x: np.ndarray, s: Sampler) -> np.ndarray:
+    """The exact distribution choose() samples from, written independently (by value rank)."""
+    order = np.argsort(-x, kind="stable")[:s.top_k or None]
+    p = np.exp((x[order] - x[order[0]]) / s.temperature)
+    p /= p.sum()
+    keep = next(i + 1 for i, c in enumerate(np.cumsum(p)) if c >= s.top_p - 1e-12)
+    out = np.zeros_like(x)
+    out[order[:keep]] = p[:keep] / p[:keep].sum()
+    return out
+
+
+# -- sampling -----------------------------------------------------------------------------
+def test_sampler_validation():
+    for bad in ({"temperature": -0.1}, {"top_k": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"temperature": float("nan")}):
+        with pytest.raises(ValueError):
+            Sampler(**bad)
+    with pytest.raises(ValueError, match="rng"):
+        choose(np.zeros(3), Sampler(temperature=1.0), None)
+
+
+def test_greedy_is_argmax():
+    for _ in range(20):
+        x = rng.normal(size=100) * 5
+        assert choose(x, Sampler(), None) == int(np.argmax(x))
+
+
+def test_same_seed_same_true_token_for_any_permutation():
+    x = rng.normal(size=300) * 3
+    s = Sampler(temperature=1.3, top_k=50, top_p=0.95, seed=1234)
+    want = choose(x, s, make_rng(s))
+    for _ in range(100):
+        perm = rng.permutation(x.size)  # U sees x[perm]; its pick j is true token perm[j]
+        assert perm[choose(x[perm], s, make_rng(s))] == want
+    # ... and a whole sequence of draws from one generator agrees as well.
+    g1, g2 = make_rng(s), make_rng(s)
+    for _ in range(50):
+        perm = rng.permutation(x.size)
+        assert perm[choose(x[perm], s, g1)] == choose(x, s, g2)
+
+
+def test_sampling_matches_truncated_softmax():
+    x = np.random.default_rng(3).normal(size=12)
+    s = Sampler(temperature=0.7, top_k=5, top_p=0.9, seed=5)
+    want = _truncated_softmax(x, s)
+    support = np.flatnonzero(want)
+    assert 3 <= support.size <= 5  # both truncations matter for these logits
+    g = make_rng(s)
+    draws = 20_000
+    counts = np.bincount([perm[choose(x[perm], s, g)] for perm in (rng.permutation(12) for _ in range(draws))],
+                         minlength=12)
+    assert counts[want == 0].sum() == 0  # nothing outside top-k / top-p, ever
+    expected = want[support] * draws
+    chi2 = float(np.sum((counts[support] - expected) ** 2 / expected))
+    assert chi2 < CHI2_001[support.size - 1], (chi2, counts, want)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    g = make_rng(Sampler(seed=0))
+    for _ in range(20):
+        x = rng.normal(size=40)
+        assert choose(x, Sampler(temperature=2.0, top_k=1), g) == int(np.argmax(x))
+        assert choose(x, Sampler(temperature=0.1, top_p=1e-9), g) == int(np.argmax(x))
+
+
+# -- BFV retrieval ------------------------------------------------------------------------
+async def _setup_bfv(trio) -> None:
+    await run_setup(trio, lambda p: setup_bfv(p))
+
+
+@pytest.mark.parametrize("vocab", [1000, 9000])
+async def test_retrieve_table_entry(trio, vocab):
+    await _setup_bfv(trio)
+    table = rng.permutation(vocab)
+    n = trio.model.store[("bfv", -1)].n
+    chunks = -(-vocab // n)
+    for tok, j in enumerate([0, vocab - 1, int(rng.integers(vocab)), n - 1 if vocab > n else vocab // 2]):
+        for p in (trio.model, trio.user):
+            p.meter.reset()
+        m, u = await run_online(trio, lambda p: retrieve(p, "r", j if p.is_user else None,
+                                                         table if p.is_model else None, length=vocab), tok)
+        assert m is None and u == table[j]
+        assert online_counts(trio) == (2, 2)
+        q = trio.model.meter.total("online", "bfv")
+        assert q.msgs_recv == 1 and q.bytes_recv > chunks * 100_000  # the query: `chunks` ciphertexts
+    assert trio.helper.meter.total(kind="bfv").msgs_recv == 0
+    assert trio.helper.meter.total(kind="bfv").msgs_sent == 0
+    assert ("bfv", -1) not in trio.helper.store
+
+
+async def test_model_receives_list_of_ciphertext_bytes(trio, monkeypatch):
+    """What the model party receives is a list of `chunks` opaque byte strings of one size."""
+    await _setup_bfv(trio)
+    vocab, j = 9000, 4321
+    table = rng.permutation(vocab)
+    seen = []
+    recv = Party.recv
+
+    async def spy(self, frm, tag):
+        msg = await recv(self, frm, tag)
+        if self.is_model and tag[0] == "bfv":
+            seen.append(msg)
+        return msg
+
+    monkeypatch.setattr(Party, "recv", spy)
+    _, u = await run_online(trio, lambda p: retrieve(p, "r", j if p.is_user else None,
+                                                     table if p.is_model else None, length=vocab))
+    assert u == table[j]
+    [q] = seen
+    assert isinstance(q, list) and len(q) == 3 and all(isinstance(b, bytes) for b in q)
+    assert len({len(b) for b in q}) == 1  # the chunk holding j looks like the others
+
+
+@pytest.mark.parametrize("bad", ["count", "garbage", "empty", "type"])
+async def test_malformed_query_is_a_protocol_error(bad):
+    async with await local_trio("memory") as trio:
+        await _setup_bfv(trio)
+        vocab = 5000
+        good = trio.user.store[("bfv", -1)].he.encryptInt(np.zeros(4096, dtype=np.int64)).to_bytes("none")
+        query = {"count": [good], "garbage": [good, b"\x00garbage" * 100], "empty": [good, b""],
+                 "type": "not a list"}[bad]
+
+        async def g(p):
+            if p.is_user:
+                p.send(Role.MODEL, p.tag("bfv", "r", "query"), query)
+                return None
+            return await retrieve(p, "r", None, rng.permutation(vocab), length=vocab)
+
+        with pytest.raises(ProtocolError, match="retrieve"):
+            await run_online(trio, g)
+
+
+async def test_bad_bfv_setup_is_a_protocol_error():
+    async with await local_trio("memory") as trio:
+        async def g(p):
+            if p.is_user:
+                p.send(Role.MODEL, ("bfv", "setup", "keys"), {"context": b"junk", "public_key": b"junk"})
+                return None
+            return await setup_bfv(p)
+
+        with pytest.raises(ProtocolError, match="setup_bfv"):
+            await run_setup(trio, g)
+
+
+# -- select_token -------------------------------------------------------------------------
+def _select_graph(x: DealtInput, vocab: int, sampler: Sampler, mag: float):
+    gen = make_rng(sampler)
+
+    def g(p):
+        return select_token(p, "sel", x.of(p), sampler=sampler, rng=gen if p.is_user else None,
+                            mag=mag, vocab=vocab)
+    return g
+
+
+async def _select_once(transport: str, logits: np.ndarray, sampler: Sampler, mag: float = 30.0) -> int:
+    async with await local_trio(transport) as trio:
+        await _setup_bfv(trio)
+        x = DealtInput(trio, "logits", logits, mag)
+        g = _select_graph(x, logits.size, sampler, mag)
+        assert await run_offline(trio, g) == [None, None, None]
+        m, u = await run_online(trio, g)
+        assert m is None
+        assert online_counts(trio)[1] == 3
+        return u
+
+
+async def test_select_token_greedy(trio):
+    vocab = 5000
+    await _setup_bfv(trio)
+    for tok in range(2):  # a fresh π per token
+        logits = rng.normal(size=vocab) * 8
+        x = DealtInput(trio, f"logits{tok}", logits, 30.0)
+        g = _select_graph(x, vocab, Sampler(), 30.0)
+        await run_offline(trio, g, tok)
+        for p in trio.parties:
+            p.meter.reset()
+        m, u = await run_online(trio, g, tok)
+        assert m is None and u == int(np.argmax(logits))
+        assert online_counts(trio) == (3, 3)
+        assert trio.helper.meter.total().msgs_sent == 0
+
+
+async def test_select_token_sampling_reproducible_across_sessions():
+    logits = rng.normal(size=2000) * 4
+    s = Sampler(temperature=0.9, top_k=40, top_p=0.9, seed=77)
+    a = await _select_once("memory", logits, s)
+    b = await _select_once("tcp", logits, s)
+    assert a == b == choose(logits, s, make_rng(s))
+
+
+async def test_select_token_refuses_vocab_over_t():
+    async with await local_trio("memory") as trio:
+        await run_setup(trio, lambda p: setup_bfv(p, t_bits=17))  # t < 2**17
+        vocab = 131000
+        x = DealtInput(trio, "logits", np.zeros(vocab), 1.0)
+        g = _select_graph(x, vocab, Sampler(), 1.0)
+        await run_offline(trio, g)
+        with pytest.raises(ValueError, match="plaintext modulus"):
+            await run_online(trio, g)
