@@ -1,11 +1,105 @@
-"""The ``permllm`` command line."""
+"""The ``permllm`` command line: generate (embedded or against daemons), serve, demo."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import os
+import signal
 import sys
+from typing import Any
 
 __all__ = ["main"]
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .protocols import ShareConfig
+
+    base = ShareConfig.for_dtype(args.dtype)
+    return ShareConfig(args.dtype, args.ratio) if args.ratio else base
+
+
+def _link(args: argparse.Namespace) -> Any:
+    from .net import LinkEmulator
+
+    if not args.rtt and not args.bandwidth:
+        return None
+    return LinkEmulator.from_spec(rtt_ms=args.rtt or 0.0, bandwidth_mbit=args.bandwidth)
+
+
+class _Bar:
+    """A one-line progress bar on stderr (only on a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.on = sys.stderr.isatty() and not quiet
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if not self.on:
+            return
+        n = 30 * done // max(total, 1)
+        label = {"setup": "setup: masked weights", "offline": "offline"}.get(what, what)
+        sys.stderr.write(f"\r{label:<22} [{'#' * n}{'.' * (30 - n)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from . import connect, local
+    from .protocols.sampling import Sampler
+
+    sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    bar = _Bar(args.json or args.quiet)
+    if bool(args.model_party) != bool(args.helper):
+        raise SystemExit("permllm generate: --model-party and --helper go together")
+    if args.model_party:
+        session = await connect(args.model_party, args.helper, model=args.model, config=_config(args),
+                                link=_link(args), progress=bar)
+    else:
+        session = await local(args.model, transport=args.transport, config=_config(args), link=_link(args),
+                              progress=bar)
+    async with session:
+        prompt: Any = args.prompt
+        if args.ids:
+            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
+        async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler):
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        r = session.last
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(r.token_ids)} tokens, {r.tokens_per_s:.2f} tok/s online, online {r.online_s:.1f} s "
+              f"({r.online_bytes / 1e6:.1f} MB, {r.online_hops} hops), offline {r.offline_s:.1f} s "
+              f"({r.offline_bytes / 1e6:.1f} MB), setup {r.setup_s:.1f} s ({r.setup_bytes / 1e6:.0f} MB)]",
+              file=sys.stderr)
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .runtime.daemon import serve_helper, serve_model
+
+    def ready(host: str, port: int) -> None:
+        print(f"permllm {args.role} listening on {host}:{port}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    if args.role == "model":
+        if not args.helper:
+            raise SystemExit("permllm serve model: --helper HOST:PORT is required")
+        task = asyncio.ensure_future(serve_model(args.listen, args.helper, args.model, config=_config(args),
+                                                 on_ready=ready))
+    else:
+        task = asyncio.ensure_future(serve_helper(args.listen, config=_config(args), on_ready=ready))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -24,17 +118,70 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _share_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                   help="share dtype (float64: mask ratio 2^12; float32: paper-like ratio 2^4)")
+    p.add_argument("--ratio", type=float, default=None, help="mask ratio R (default by dtype)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``permllm`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="permllm", description="Private LLM inference (PermLLM).")
     sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="private generation (all three parties here, or against daemons)")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="smollm2", help="'smollm2' or a local HF directory (llama, gpt2)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
+    g.add_argument("--ids", action="store_true", help="the prompt is a list of token ids")
+    g.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--transport", choices=["memory", "tcp"], default="memory",
+                   help="links between the embedded parties")
+    g.add_argument("--model-party", metavar="HOST:PORT", help="a model-party daemon (with --helper)")
+    g.add_argument("--helper", metavar="HOST:PORT", help="a helper daemon (with --model-party)")
+    g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
+    g.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
+    _share_args(g)
+    g.set_defaults(fn=lambda a: asyncio.run(_generate(a)))
+
+    s = sub.add_parser("serve", help="run a party daemon")
+    s.add_argument("role", choices=["model", "helper"])
+    s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
+    s.add_argument("--helper", metavar="HOST:PORT", help="(model) the helper daemon to use")
+    s.add_argument("--model", default="smollm2", help="(model) 'smollm2' or a local HF directory")
+    s.add_argument("--log-level", default="INFO")
+    _share_args(s)
+    s.set_defaults(fn=lambda a: asyncio.run(_serve(a)))
+
     d = sub.add_parser("demo", help="run every protocol op with all three parties and compare with plaintext")
     d.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
     d.add_argument("--dtype", nargs="+", choices=["float64", "float32"], default=["float64", "float32"])
     d.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     d.set_defaults(fn=_demo)
+
     args = ap.parse_args(argv)
-    return args.fn(args)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # one clear line for the user, not a traceback
+        from .model import ModelFileError
+        from .net import NetError
+        from .protocols import ProtocolError
+        from .runtime.session import ContextTooLong
+        if isinstance(e, (ModelFileError, NetError, ProtocolError, ContextTooLong, ValueError, OSError)):
+            print(f"permllm: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class Forward:
             x = ops.add_public(x, "pos_embed", shape.pos)
         for i in range(a.layers):
             x = await self.layer(ops, i, x, shape)
-        x = ops.local(lambda v: v[-1:], x)
+        x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
         h = await ops.norm("final.n", x, "final.x", (1, a.hidden))
         if a.tied_head:
             h = await ops.linear("final", h, "final", "final.n", kind="diag")

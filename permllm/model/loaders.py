@@ -26,7 +26,7 @@ import numpy as np
 
 from .arch import Arch, ModelWeights
 
-__all__ = ["LoadedModel", "load_model", "from_transformers", "from_chatglm", "smollm2_dir", "ModelFileError",
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "from_transformers", "from_chatglm", "smollm2_dir", "ModelFileError",
            "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "smollm2"
@@ -117,6 +117,20 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         tok = AutoTokenizer.from_pretrained(path)
     return LoadedModel(from_transformers(model), tok, str(path))
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """Only the tokenizer of a model (what the user party needs; it never loads weights)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+    if not path.is_dir():
+        raise ModelFileError(f"model {name_or_path!r}: no such directory (use 'smollm2' or an HF directory)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for missing tokenizer files
+        raise ModelFileError(f"model {name_or_path!r}: no usable tokenizer: {e}") from None
 
 
 def _np(t: Any) -> np.ndarray:

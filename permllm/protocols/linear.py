@@ -47,11 +47,8 @@ def _chunk_rows(shape: tuple[int, ...]) -> int:
 def _uw_chunk(p: Party, name: str, shape: tuple[int, ...], scale: float, i: int, rows: int) -> np.ndarray:
     lo = i * rows
     n = min(rows, shape[0] - lo)
-    saved, p.token = p.token, -1  # weight masks are per weight, not per token
-    try:
-        return p.mask("mh", name, f"UW{i}", (n, *shape[1:]), p.ratio * scale)
-    finally:
-        p.token = saved
+    # Weight masks are per weight, not per token: key them with token −1.
+    return p.view("setup", -1).mask("mh", name, f"UW{i}", (n, *shape[1:]), p.ratio * scale)
 
 
 async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) -> None:
@@ -85,6 +82,10 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) ->
         raise ProtocolError(f"bad setup metadata for weight {name!r}")
     shape = tuple(int(s) for s in meta["shape"])
     w = _Weight(shape, meta["scale"], None, int(meta["chunks"]))
+    if p.is_helper:
+        p.weights[name] = w
+        await p.compute(_helper_uw, p, name, work=int(np.prod(shape)) * 4)
+        return
     if p.is_user:
         D = np.empty(shape, dtype=p.dtype)
         rows = _chunk_rows(shape)
@@ -99,10 +100,15 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) ->
 
 
 def _helper_uw(p: Party, name: str) -> np.ndarray:
+    """H's copy of U_W, regenerated from the s_MH stream on first use and kept."""
     w = p.weights[name]
     if w.value is None:
         rows = _chunk_rows(w.shape)
-        w.value = np.concatenate([_uw_chunk(p, name, w.shape, w.scale, i, rows) for i in range(w.chunks)])
+        uw = np.empty(w.shape, dtype=p.dtype)
+        for i in range(w.chunks):
+            part = _uw_chunk(p, name, w.shape, w.scale, i, rows)
+            uw[i * rows:i * rows + len(part)] = part
+        w.value = uw
     return w.value
 
 

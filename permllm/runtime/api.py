@@ -1,0 +1,215 @@
+"""The public async API: private generation embedded in an asyncio application.
+
+* :func:`local` — the embedded default: model, user and helper parties in this
+  process, over in-memory pairs or loopback TCP.
+* :func:`connect` — the user side only, talking to a model-party daemon and a
+  helper daemon (``permllm serve``) over TCP.
+
+Both return a :class:`Session`; ``async for piece in session.generate(prompt)``
+streams text as tokens are chosen, and ``session.last`` holds the stats of the
+last generation (:class:`GenerationResult`).
+"""
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from ..model import DEFAULT_MODEL, LoadedModel, load_model
+from ..model.loaders import load_tokenizer
+from ..net import LinkEmulator, Meter, open_channel, tcp_connect
+from ..protocols import Party, Role, ShareConfig
+from ..protocols.sampling import Sampler
+from .mesh import Trio, gather_fail_fast, local_trio
+from .session import HelperSession, ModelSession, UserSession
+
+__all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr"]
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and cost (times in seconds, bytes over all links seen)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    online_s: float = 0.0
+    offline_s: float = 0.0
+    online_bytes: int = 0
+    offline_bytes: int = 0
+    setup_s: float = 0.0
+    setup_bytes: int = 0
+    online_hops: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.online_s if self.online_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+                "online_s": self.online_s, "offline_s": self.offline_s, "online_bytes": self.online_bytes,
+                "offline_bytes": self.offline_bytes, "setup_s": self.setup_s, "setup_bytes": self.setup_bytes,
+                "online_hops": self.online_hops, "tokens_per_s": self.tokens_per_s}
+
+
+class Session:
+    """A user's private-inference session (setup done); generate as often as you like."""
+
+    def __init__(self, user: UserSession, tokenizer: Any | None, meters: list[Meter],
+                 closers: list[Callable[[], Any]], setup_s: float, watch: asyncio.Future | None = None) -> None:
+        self._user = user
+        self._watch = watch  # the in-process model/helper programs: their failure is the real cause
+        self.tokenizer = tokenizer
+        self._meters = meters
+        self._closers = closers
+        self._setup_s = setup_s
+        self.last = GenerationResult()
+
+    @property
+    def arch(self) -> Any:
+        return self._user.arch
+
+    def encode(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids of ``prompt`` (with the chat template for instruct models unless ``chat=False``)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        tok = self.tokenizer
+        if chat and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return list(tok.encode(prompt))
+
+    async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
+                           sampler: Sampler | None = None) -> AsyncIterator[int]:
+        """Yield token ids; fills :attr:`last` with the ids, times and traffic."""
+        res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s)
+        self.last = res
+        before = [_totals(m) for m in self._meters]
+        off0 = self._user.offline_s
+        t_prev = time.perf_counter()
+        try:
+            async for tok in self._user.generate(list(prompt_ids), max_new_tokens, sampler):
+                now = time.perf_counter()
+                res.online_s += now - t_prev
+                res.token_ids.append(tok)
+                yield tok
+                t_prev = time.perf_counter()
+        except Exception as e:
+            w = self._watch
+            if w is not None and w.done() and not w.cancelled() and w.exception() is not None:
+                raise w.exception() from e  # type: ignore[misc]
+            raise
+        after = [_totals(m) for m in self._meters]
+        for (b_on, b_off, b_set), (a_on, a_off, a_set) in zip(before, after):
+            res.online_bytes += a_on - b_on
+            res.offline_bytes += a_off - b_off
+            res.setup_bytes += a_set
+        res.offline_s = self._user.offline_s - off0
+        res.online_hops = max(m.hops("online") for m in self._meters)
+        for m in self._meters:  # hops are counted per generation
+            m.clock["online"] = 0
+        if self.tokenizer is not None:
+            res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+
+    async def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, chat: bool = True,
+                       sampler: Sampler | None = None) -> AsyncIterator[str]:
+        """Stream the generated text piece by piece (the prompt stays private to the user)."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        out: list[int] = []
+        shown = ""
+        async for tok in self.generate_ids(ids, max_new_tokens, sampler):
+            out.append(tok)
+            if self.tokenizer is None:
+                yield f"{tok} "
+                continue
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            if text.startswith(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+
+    async def close(self) -> None:
+        await self._user.close()
+        for c in self._closers:
+            r = c()
+            if asyncio.iscoroutine(r):
+                await r
+
+    async def __aenter__(self) -> "Session":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _totals(m: Meter) -> tuple[int, int, int]:
+    return (m.total("online").bytes_sent, m.total("offline").bytes_sent, m.total("setup").bytes_sent)
+
+
+async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "memory",
+                config: ShareConfig | None = None, link: LinkEmulator | None = None,
+                progress: Callable[[str, int, int], None] | None = None) -> Session:
+    """All three parties in this process (the embedded default); returns a ready :class:`Session`."""
+    lm = model if isinstance(model, LoadedModel) else await asyncio.to_thread(load_model, model)
+    t0 = time.perf_counter()
+    trio: Trio = await local_trio(transport, config or ShareConfig(), link=link, seeds=False)
+    ms, us, hs = ModelSession(trio.model, lm.weights), UserSession(trio.user), HelperSession(trio.helper)
+    try:
+        await gather_fail_fast([ms.setup(), us.setup(progress), hs.setup()])
+    except BaseException:
+        await trio.close()
+        raise
+    served = asyncio.ensure_future(gather_fail_fast([ms.serve(), hs.serve()]))
+    user = us
+
+    async def close() -> None:
+        try:
+            await asyncio.wait_for(served, 30)
+        finally:
+            await trio.close()
+
+    served.add_done_callback(lambda t: t.cancelled() or t.exception() is None
+                             or asyncio.ensure_future(trio.close()))
+    return Session(user, lm.tokenizer, [p.meter for p in trio.parties], [close], time.perf_counter() - t0,
+                   watch=served)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' → (host, port), with a clear error."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+async def connect(model_party: str, helper: str, *, model: str = DEFAULT_MODEL, config: ShareConfig | None = None,
+                  link: LinkEmulator | None = None, retries: int = 20,
+                  progress: Callable[[str, int, int], None] | None = None) -> Session:
+    """The user side of a session with a model daemon and a helper daemon (``HOST:PORT`` each).
+
+    ``model`` names the tokenizer to use (the user never loads the weights).
+    """
+    tokenizer = await asyncio.to_thread(load_tokenizer, model)
+    t0 = time.perf_counter()
+    session_id = secrets.token_hex(8)
+    meter = Meter()
+    chans = {}
+    for role, addr in ((Role.MODEL, model_party), (Role.HELPER, helper)):
+        host, port = parse_addr(addr)
+        t = await tcp_connect(host, port, peer=role.value, retries=retries)
+        chans[role] = await open_channel(t, meter, role="user", peer_role=role.value, session=session_id, link=link)
+    p = Party(Role.USER, chans, config or ShareConfig(), meter)
+    us = UserSession(p)
+    try:
+        await us.setup(progress)
+    except BaseException:
+        for ch in chans.values():
+            await ch.close()
+        raise
+
+    async def close() -> None:
+        for ch in chans.values():
+            await ch.close()
+
+    return Session(us, tokenizer, [meter], [close], time.perf_counter() - t0)

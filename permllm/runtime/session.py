@@ -1,0 +1,254 @@
+"""One private-inference session, as three per-party programs.
+
+Each party runs the same :class:`~permllm.model.forward.Forward` through its own
+branch of the protocol ops. The life of a session:
+
+1. **setup** (once): seeds; M publishes the architecture and the calibrated mask
+   magnitudes (public); the masked weights D = W − U_W go to U; U's BFV keys go to M.
+2. per generation request from U (``prompt_len``, ``max_new_tokens``: public):
+   * **offline** — every party runs the forward's offline branch for upcoming
+     tokens, ahead of the online phase (a window of :data:`OFFLINE_AHEAD` tokens);
+     the helper runs only this phase.
+   * **online** — M and U run each step: embedding, layers, final norm, head, and
+     private token selection; U learns the token and tells M whether to go on.
+
+Message tags are keyed by op name and a session-wide token index, so masks are
+never reused across steps or generations.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import numpy as np
+
+from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names
+from ..protocols import Party, ProtocolError, Role, setup_weight
+from ..protocols.sampling import Sampler, make_rng
+from ..protocols.select import select_token, setup_bfv
+
+__all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD"]
+
+OFFLINE_AHEAD = 4  # tokens the offline phase may run ahead of the online phase
+Progress = Callable[[str, int, int], None]
+
+
+class ContextTooLong(ValueError):
+    """The prompt plus the tokens to generate do not fit the model's context."""
+
+
+def check_context(arch: Arch, prompt_len: int, max_new_tokens: int) -> None:
+    """Raise :class:`ContextTooLong` (or ValueError) before any work when a request cannot fit."""
+    if prompt_len < 1:
+        raise ValueError("the prompt is empty")
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    if prompt_len + max_new_tokens > arch.max_positions:
+        raise ContextTooLong(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+                             f"context of {arch.max_positions} tokens")
+
+
+@dataclass
+class _Gen:
+    """Public parameters of one generation."""
+
+    index: int
+    base: int
+    prompt_len: int
+    max_new: int
+
+
+class _Party:
+    """What the three party programs share: the forward, the setup of weights, the offline runner."""
+
+    def __init__(self, p: Party) -> None:
+        self.p = p
+        self.arch: Arch | None = None
+        self.mags: dict[str, float] = {}
+        self.weights: ModelWeights | None = None
+        self.next_token = 0
+        self.gens = 0
+        self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
+
+    def ops(self, phase: str, token: int, gen: int) -> tuple[Party, PrivateOps]:
+        pv = self.p.view(phase, token)
+        return pv, PrivateOps(pv, self.arch, self.mags, self.weights, f"g{gen}.")  # type: ignore[arg-type]
+
+    async def step(self, phase: str, g: _Gen, step: int, ids: list[int] | None,
+                   rng: np.random.Generator | None, sampler: Sampler) -> int | None:
+        """One forward step and token selection in ``phase``; the token id at U online."""
+        pv, ops = self.ops(phase, g.base + step, g.index)
+        logits = await Forward(self.arch).step(ops, ids, StepShape(self.arch, g.prompt_len, step))  # type: ignore[arg-type]
+        row = None if logits is None else logits.reshape(-1)
+        return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
+                                  vocab=self.arch.vocab)  # type: ignore[union-attr]
+
+    async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
+        for step in range(g.max_new):
+            if window is not None:
+                await window.acquire()
+            t0 = time.perf_counter()
+            await self.step("offline", g, step, None, None, Sampler())
+            self.offline_s += time.perf_counter() - t0
+            ready[step].set()
+
+    async def setup_weights(self, progress: Progress | None) -> None:
+        names = weight_names(self.arch)  # type: ignore[arg-type]
+        for i, (name, _) in enumerate(names):
+            w = self.weights[name] if self.p.is_model else None  # type: ignore[index]
+            await setup_weight(self.p, name, w)
+            if progress:
+                progress("setup", i + 1, len(names))
+
+    def accept(self, req: object) -> _Gen:
+        """Validate a generation request from U (M and H)."""
+        if not (isinstance(req, dict) and all(isinstance(req.get(k), int) for k in ("base", "prompt_len", "max_new"))):
+            raise ProtocolError(f"malformed generation request: {req!r}")
+        if req["base"] != self.next_token:
+            raise ProtocolError(f"generation request starts at token {req['base']}, expected {self.next_token}")
+        check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
+        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"])
+        self.gens += 1
+        self.next_token += g.max_new
+        return g
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class ModelSession(_Party):
+    """The model party: holds the weights; learns neither the prompt nor the tokens."""
+
+    def __init__(self, p: Party, weights: ModelWeights, mags: dict[str, float] | None = None) -> None:
+        super().__init__(p)
+        self.weights, self.arch = weights, weights.arch
+        self.mags = dict(mags or {})
+
+    async def setup(self, progress: Progress | None = None) -> None:
+        p = self.p
+        await p.establish_seeds()
+        if not self.mags:
+            self.mags = await calibrate(self.weights)
+        info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": [p.config.dtype, p.config.ratio]}
+        p.send(Role.USER, ("hello", "model"), info)
+        p.send(Role.HELPER, ("hello", "model"), info)
+        await self.setup_weights(progress)
+        await setup_bfv(p)
+
+    async def serve(self) -> None:
+        """Answer generation requests until U closes the session."""
+        while True:
+            req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
+            if req == "close":
+                return
+            g = self.accept(req)
+            ready = [asyncio.Event() for _ in range(g.max_new)]
+            window = asyncio.Semaphore(OFFLINE_AHEAD)
+            off = asyncio.create_task(self.offline(g, ready, window))
+            try:
+                for step in range(g.max_new):
+                    await _first(ready[step].wait(), off)
+                    await self.step("online", g, step, None, None, Sampler())
+                    window.release()
+                    go = await self.p.view("online", g.base + step).recv(Role.USER, ("ctl", g.index, step))
+                    if go is not True:
+                        break
+            finally:
+                await _cancel(off)
+
+
+async def _first(wait: object, task: asyncio.Task) -> None:
+    """Await ``wait`` but fail at once if ``task`` (the offline runner) failed first."""
+    w = asyncio.ensure_future(wait)  # type: ignore[arg-type]
+    done, _ = await asyncio.wait({w, task}, return_when=asyncio.FIRST_COMPLETED)
+    if w not in done:
+        w.cancel()
+        task.result()  # raises the offline failure
+        raise ProtocolError("offline phase ended early")
+
+
+class HelperSession(_Party):
+    """The helper (dealer): derives every correlation offline; never sees an online message."""
+
+    async def setup(self) -> None:
+        await self.p.establish_seeds()
+        info = await self.p.recv(Role.MODEL, ("hello", "model"))
+        self.arch, self.mags = _read_info(info, self.p)
+        await self.setup_weights(None)
+
+    async def serve(self) -> None:
+        while True:
+            req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
+            if req == "close":
+                return
+            g = self.accept(req)
+            await self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None)
+
+
+def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float]]:
+    if not (isinstance(info, dict) and isinstance(info.get("arch"), dict) and isinstance(info.get("mags"), dict)):
+        raise ProtocolError("malformed model description from the model party")
+    cfg = info.get("config")
+    if cfg != [p.config.dtype, p.config.ratio]:
+        raise ProtocolError(f"share configuration mismatch: model party uses {cfg}, "
+                            f"this party {[p.config.dtype, p.config.ratio]}")
+    return Arch.from_dict(info["arch"]), {str(k): float(v) for k, v in info["mags"].items()}
+
+
+class UserSession(_Party):
+    """The user party: holds the prompt, sees permuted activations, learns the tokens."""
+
+    async def setup(self, progress: Progress | None = None) -> Arch:
+        p = self.p
+        await p.establish_seeds()
+        info = await p.recv(Role.MODEL, ("hello", "model"))
+        self.arch, self.mags = _read_info(info, p)
+        await self.setup_weights(progress)
+        await setup_bfv(p)
+        return self.arch
+
+    async def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                       sampler: Sampler | None = None) -> AsyncIterator[int]:
+        """Yield generated token ids as they come; stops at an end-of-sequence id or the limit."""
+        arch, p = self.arch, self.p
+        assert arch is not None, "setup() first"
+        sampler = sampler or Sampler()
+        check_context(arch, len(prompt_ids), max_new_tokens)
+        if any(not 0 <= int(t) < arch.vocab for t in prompt_ids):
+            raise ValueError(f"prompt token id out of range [0, {arch.vocab})")
+        req = {"base": self.next_token, "prompt_len": len(prompt_ids), "max_new": max_new_tokens}
+        p.send(Role.MODEL, ("ctl", self.gens, "req"), req)
+        p.send(Role.HELPER, ("ctl", self.gens, "req"), req)
+        g = self.accept(req)
+        rng = make_rng(sampler)
+        ready = [asyncio.Event() for _ in range(g.max_new)]
+        window = asyncio.Semaphore(OFFLINE_AHEAD)
+        off = asyncio.create_task(self.offline(g, ready, window))
+        ids: list[int] = list(prompt_ids)
+        try:
+            for step in range(g.max_new):
+                await _first(ready[step].wait(), off)
+                tok = await self.step("online", g, step, ids, rng, sampler)
+                window.release()
+                assert tok is not None
+                more = step + 1 < g.max_new and tok not in arch.eos_ids
+                p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), more)
+                yield tok
+                if not more:
+                    break
+                ids = [tok]
+        finally:
+            await _cancel(off)
+
+    async def close(self) -> None:
+        """End the session: M and H stop serving it."""
+        for r in (Role.MODEL, Role.HELPER):
+            with contextlib.suppress(Exception):
+                self.p.send(r, ("ctl", self.gens, "req"), "close")
+                await self.p.channels[r].flush()
