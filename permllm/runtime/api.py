@@ -61,6 +61,7 @@ class Session:
                  closers: list[Callable[[], Any]], setup_s: float, watch: asyncio.Future | None = None) -> None:
         self._user = user
         self._watch = watch  # the in-process model/helper programs: their failure is the real cause
+        self.trio: Trio | None = None  # the in-process parties (embedded mode), for inspection
         self.tokenizer = tokenizer
         self._meters = meters
         self._closers = closers
@@ -171,8 +172,10 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
 
     served.add_done_callback(lambda t: t.cancelled() or t.exception() is None
                              or asyncio.ensure_future(trio.close()))
-    return Session(user, lm.tokenizer, [p.meter for p in trio.parties], [close], time.perf_counter() - t0,
-                   watch=served)
+    session = Session(user, lm.tokenizer, [p.meter for p in trio.parties], [close], time.perf_counter() - t0,
+                      watch=served)
+    session.trio = trio
+    return session
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
