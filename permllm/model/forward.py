@@ -86,7 +86,8 @@ class Forward:
         pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
                                (a.kv_heads, a.group, T, keys))
         att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
-        o = await ops.linear(f"{n}.o", ops.local(lambda z: merge_heads(a, z), att), f"{n}.o", f"{n}.att")
+        o_in = ops.note(f"{n}.attm", ops.local(lambda z: merge_heads(a, z), att))
+        o = await ops.linear(f"{n}.o", o_in, f"{n}.o", f"{n}.attm")
         if a.residual == "alpha":
             x = ops.add(await ops.linear(f"{n}.res_in", h, f"{n}.res_in", f"{n}.n1", kind="diag"), o)
         else:
@@ -126,8 +127,16 @@ class PlainOps:
     def reset(self) -> None:
         self.cache.clear()
 
-    def note(self, name: str, x: np.ndarray) -> np.ndarray:
-        self.mags[name] = max(self.mags.get(name, 0.0), float(np.max(np.abs(x))) if x.size else 0.0)
+    def note(self, name: str, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        """Record max |x| under ``name`` and the max L2 norm along ``axis`` under ``name|l2``."""
+        if x.size:
+            ax = np.abs(x)
+            self.mags[name] = max(self.mags.get(name, 0.0), float(np.max(ax)))
+            l2 = float(np.max(np.sqrt(np.sum(x * x, axis=axis))))
+            self.mags[name + "|l2"] = max(self.mags.get(name + "|l2", 0.0), l2)
+            col = np.max(ax.reshape(-1, x.shape[-1]), axis=0)
+            old = self.mags.get(name + "|col")
+            self.mags[name + "|col"] = col if old is None or np.shape(old) != col.shape else np.maximum(old, col)
         return x
 
     def local(self, fn: Callable, x: np.ndarray) -> np.ndarray:
@@ -159,6 +168,7 @@ class PlainOps:
         old = self.cache.get(cache)
         b = b_new if old is None else np.concatenate([old, b_new], -2)
         self.cache[cache] = b
+        self.note(src_b + "|cols", b, axis=-1 if transpose_b else -2)
         return self.note(name, a @ np.swapaxes(b, -1, -2) if transpose_b else a @ b)
 
     async def softmax(self, name: str, s: np.ndarray, valid: np.ndarray, scale: float, src: str,
@@ -174,7 +184,7 @@ class PlainOps:
 
 
 async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
-                    headroom: float = 4.0) -> dict[str, float]:
+                    headroom: float = 2.0) -> dict[str, float]:
     """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence.
 
     Run by the model party (it holds the weights), with no knowledge of any prompt; the
@@ -187,7 +197,8 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
     fwd = Forward(a)
     await fwd.step(ops, ids[:-1], StepShape(a, n - 1, 0))
     await fwd.step(ops, ids[-1:], StepShape(a, n - 1, 1))
-    return {k: max(headroom * v, 1e-3) for k, v in ops.mags.items()}
+    return {k: np.maximum(headroom * np.asarray(v), 1e-3) if np.ndim(v) else max(headroom * v, 1e-3)
+            for k, v in ops.mags.items()}
 
 
 class PrivateOps:
@@ -200,10 +211,16 @@ class PrivateOps:
         self._norm_op = rms_norm if arch.norm == "rms" else layer_norm
 
     def _mag(self, name: str) -> float:
+        """Calibrated bound of |value| (a scalar)."""
         try:
-            return self.mags[name]
+            return float(self.mags[name])
         except KeyError:
             raise KeyError(f"no calibrated magnitude for {name!r}") from None
+
+    def _col(self, name: str) -> float | np.ndarray:
+        """Per-column bound (last axis) where calibrated, else the scalar bound: sizes U's new share."""
+        v = self.mags.get(name + "|col")
+        return self._mag(name) if v is None else np.asarray(v, dtype=np.float64)
 
     def note(self, name: str, x: Value) -> Value:
         return x
@@ -225,22 +242,25 @@ class PrivateOps:
 
     async def embed(self, name: str, ids: Any, T: int) -> Value:
         return await embed(self.p, name, ids, weight="embed", vocab=self.arch.vocab, n_tokens=T,
-                           mag_out=self._mag(name))
+                           mag_out=self._col(name))
 
     async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:
         bias = None
         if self.p.is_model:
             bias = self.w.get(weight + ".b")  # type: ignore[union-attr]
-        return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._mag(name), kind=kind,
-                            bias=bias)
+        return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._col(name), kind=kind,
+                            bias=bias, l2_in=self._mag(src + "|l2"))
 
     async def norm(self, name: str, x: Value, src: str, shape: tuple) -> Value:
-        return await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape)
+        return await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
+                                   mag_out=self._mag(name), mag_share=self._col(name))
 
     async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> Value:
         return await matmul_shared(self.p, name, a, b_new, f"{self.prefix}{cache}", transpose_b=transpose_b,
-                                   mag_a=self._mag(src_a), mag_b=self._mag(src_b), mag_out=self._mag(name))
+                                   mag_a=self._mag(src_a), mag_b=self._mag(src_b),
+                                   mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
+                                   l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
 
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
@@ -250,6 +270,6 @@ class PrivateOps:
             f = self.arch.ffn
             g_, u_ = (None, None) if u is None else (u[..., :f], u[..., f:])
             return await swiglu(self.p, name, g_, u_, mag_g=self._mag(name + ".g"), mag_u=self._mag(name + ".u"),
-                                shape=shape)
+                                shape=shape, mag_out=self._mag(name), mag_share=self._col(name))
         return await gelu(self.p, name, u, mag_in=self._mag(src), approximate=self.arch.act == "gelu_tanh",
-                          shape=shape)
+                          shape=shape, mag_out=self._mag(name), mag_share=self._col(name))

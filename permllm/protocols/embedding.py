@@ -33,4 +33,4 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         onehot = np.zeros((n_tokens, vocab), dtype=p.dtype)
         onehot[np.arange(n_tokens), ids] = 1
     x = await reshare(p, name + ".onehot", onehot, mag=1.0, shape=(n_tokens, vocab))
-    return await linear(p, name, x, weight, mag_in=1.0, mag_out=mag_out, kind="transposed")
+    return await linear(p, name, x, weight, mag_in=1.0, mag_out=mag_out, kind="transposed", l2_in=1.0)

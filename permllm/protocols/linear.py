@@ -127,11 +127,12 @@ def _n_in(kind: WeightKind, shape: tuple[int, ...]) -> int:
 
 
 async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_in: float, mag_out: float,
-                 kind: WeightKind = "dense", bias: np.ndarray | None = None,
+                 kind: WeightKind = "dense", bias: np.ndarray | None = None, l2_in: float | None = None,
                  derivable: bool = True, in_shape: tuple[int, ...] | None = None) -> np.ndarray | None:
     """[z] = [x]·W (+ bias) with M's private weight ``weight``; zero online messages.
 
-    ``mag_in``/``mag_out`` are public magnitude bounds of x and z that size the masks.
+    ``mag_in``/``mag_out`` are public bounds of |x| and |z| entries and ``l2_in`` of the L2
+    norm of an input row (default mag_in·√n); they size the masks.
     With ``derivable=False`` U's input share is first swapped by :func:`reshare`
     (one online message U → M; offline, ``in_shape`` gives the input's shape).
 
@@ -153,8 +154,13 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
             return None
         assert x is not None
         n_in = _n_in(kind, w.shape)
-        # t hides x_U·D, whose x-dependent part (M knows D and x_M) is D·x ~ R·|W|·|x|·√n.
-        width_t = R * R * w.scale * mag_in * math.sqrt(n_in)
+        # t hides x_U·D, whose x-dependent part (M knows D and x_M) is x·D: for D uniform of
+        # width R·max|W| each entry has standard deviation R·max|W|·‖x‖₂/√12.
+        if kind == "diag":
+            width_t = R * R * w.scale * mag_in
+        else:
+            l2 = mag_in * math.sqrt(n_in) if l2_in is None else l2_in
+            width_t = R * R * w.scale * l2 / math.sqrt(12.0)
         if p.is_user:
             y = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(n_in, 1))
         else:

@@ -38,10 +38,13 @@ def _append(caches: dict, key: str, rows: np.ndarray) -> np.ndarray:
 
 
 async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.ndarray | None, cache: str, *,
-                        transpose_b: bool, mag_a: float, mag_b: float, mag_out: float) -> np.ndarray | None:
+                        transpose_b: bool, mag_a: float, mag_b: float, mag_out: float,
+                        l2_a: float | None = None, l2_b: float | None = None) -> np.ndarray | None:
     """[A]·[B]ᵀ or [A]·[B] with B = cache ``cache`` after appending ``b_new`` rows (axis −2); 2 online hops.
 
     Offline, U and H pass their (H-derivable) shares of A and of the new rows; M passes None.
+    ``mag_*`` bound |entries|; ``l2_a``/``l2_b`` bound the L2 norm of A's rows and of B's
+    vectors along the contracted axis (default mag·√k).
     Leading axes broadcast (grouped-query attention: A (kv, g, t, d), B (kv, 1, s, d)).
     """
     R = p.ratio
@@ -54,7 +57,11 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
         out_shape = np.broadcast_shapes(a.shape[:-2], bu.shape[:-2]) + (
             a.shape[-2], bu.shape[-2] if transpose_b else bu.shape[-1])
         k = a.shape[-1]
-        rho = p.mask("uh", name, "rho", out_shape, R * R * mag_a * mag_b * math.sqrt(k))
+        la = mag_a * math.sqrt(k) if l2_a is None else l2_a
+        lb = mag_b * math.sqrt(k) if l2_b is None else l2_b
+        # ρ hides α·B_Uᵀ + A_U·βᵀ; its secret-dependent part α·Bᵀ + A·βᵀ has entries of
+        # standard deviation R·(mag_a·‖b‖₂ + mag_b·‖a‖₂)/√12 (α, β uniform).
+        rho = p.mask("uh", name, "rho", out_shape, R * R * (mag_a * lb + mag_b * la) / math.sqrt(12.0))
         r = p.mask("uh", name, "r", out_shape, R * mag_out)
         if p.is_user:
             p.keep(name, (rho, r, bu.shape[-2]))

@@ -19,6 +19,10 @@ from .permute import apply_permuted
 __all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu"]
 
 Share = np.ndarray | None
+MagVec = float | np.ndarray | None  # width of U's new share, optionally per output column
+
+# Every op takes optional ``mag_out`` (bound of |output|, sizing the mask in permuted space)
+# and ``mag_share`` (per-column bound sizing U's new share); defaults are safe bounds.
 
 
 async def softmax(p: Party, name: str, x: Share, *, mag_in: float, valid: np.ndarray | None = None,
@@ -39,17 +43,21 @@ def _rows_valid(shape: tuple[int, ...], valid: np.ndarray) -> np.ndarray:
 
 
 async def layer_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float = 1e-5,
-                     shape: tuple[int, ...] | None = None) -> Share:
+                     shape: tuple[int, ...] | None = None, mag_out: float | None = None,
+                     mag_share: MagVec = None) -> Share:
     """[LayerNorm(x)] without affine (γ, β fold into the next linear)."""
+    shp = tuple(shape or x.shape)  # type: ignore[union-attr]
     return await apply_permuted(p, name, [x], lambda z: F.layer_norm(z, eps), mags_in=[mag_in],
-                                mag_out=_norm_mag(shape or x.shape), mode="rows", shape=shape)  # type: ignore[union-attr]
+                                mag_out=mag_out or _norm_mag(shp), mode="rows", shape=shp, mag_share=mag_share)
 
 
 async def rms_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float = 1e-6,
-                   shape: tuple[int, ...] | None = None) -> Share:
+                   shape: tuple[int, ...] | None = None, mag_out: float | None = None,
+                   mag_share: MagVec = None) -> Share:
     """[RMSNorm(x)] without the weight (it folds into the next linear)."""
+    shp = tuple(shape or x.shape)  # type: ignore[union-attr]
     return await apply_permuted(p, name, [x], lambda z: F.rms_norm(z, eps), mags_in=[mag_in],
-                                mag_out=_norm_mag(shape or x.shape), mode="rows", shape=shape)  # type: ignore[union-attr]
+                                mag_out=mag_out or _norm_mag(shp), mode="rows", shape=shp, mag_share=mag_share)
 
 
 def _norm_mag(shape: tuple[int, ...]) -> float:
@@ -58,10 +66,12 @@ def _norm_mag(shape: tuple[int, ...]) -> float:
 
 
 async def gelu(p: Party, name: str, x: Share, *, mag_in: float, approximate: bool = False,
-               shape: tuple[int, ...] | None = None) -> Share:
+               shape: tuple[int, ...] | None = None, mag_out: float | None = None,
+               mag_share: MagVec = None) -> Share:
     """[GeLU(x)], exact or tanh form."""
     f = F.gelu_tanh if approximate else F.gelu
-    return await apply_permuted(p, name, [x], f, mags_in=[mag_in], mag_out=mag_in, shape=shape)
+    return await apply_permuted(p, name, [x], f, mags_in=[mag_in], mag_out=mag_out or mag_in, shape=shape,
+                                mag_share=mag_share)
 
 
 async def silu(p: Party, name: str, x: Share, *, mag_in: float, shape: tuple[int, ...] | None = None) -> Share:
@@ -70,7 +80,8 @@ async def silu(p: Party, name: str, x: Share, *, mag_in: float, shape: tuple[int
 
 
 async def swiglu(p: Party, name: str, g: Share, u: Share, *, mag_g: float, mag_u: float,
-                 shape: tuple[int, ...] | None = None) -> Share:
+                 shape: tuple[int, ...] | None = None, mag_out: float | None = None,
+                 mag_share: MagVec = None) -> Share:
     """[silu(g)·u]: g and u are revealed under the same π, so U multiplies matching entries."""
     return await apply_permuted(p, name, [g, u], F.swiglu, mags_in=[mag_g, mag_u],
-                                mag_out=mag_g * mag_u, shape=shape)
+                                mag_out=mag_out or mag_g * mag_u, shape=shape, mag_share=mag_share)

@@ -121,8 +121,10 @@ class Party:
             raise ProtocolError(f"the {self.role.value} party does not hold seed s_{which.upper()}") from None
         return stream(seed, name, self.token, *purpose)
 
-    def mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...], width: float) -> np.ndarray:
-        """A uniform mask of the given width from the (which, name, token, purpose) stream."""
+    def mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
+             width: float | np.ndarray) -> np.ndarray:
+        """A uniform mask of the given width (a scalar, or per last-axis column) from the
+        (which, name, token, purpose) stream."""
         return uniform_mask(self.gen(which, name, purpose), tuple(shape), width, self.dtype)
 
     # -- messages ---------------------------------------------------------------------

@@ -128,11 +128,14 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
 
 async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: float,
                             mode: str = "flat", valid: np.ndarray | None = None,
-                            shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+                            shape: tuple[int, ...] | None = None,
+                            mag_share: float | np.ndarray | None = None) -> np.ndarray | None:
     """Share U's clear permuted ``y`` again and undo π; 1 hop U → M.
 
     Offline, U and H pass ``shape`` (y's shape). Returns the new share: M gets
-    π⁻¹(y′ − a′) + γ = y − b′, U gets b′ (H-derivable).
+    π⁻¹(y′ − a′) + γ = y − b′, U gets b′ (H-derivable). ``mag`` bounds |y| (a′ lives in
+    permuted space, so its width is uniform); ``mag_share`` may give b′ a width per
+    column of y (default ``mag``).
 
     Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
     their combination y − b′ stays hidden by b′. H learns nothing.
@@ -146,7 +149,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
         a = p.mask("uh", name, "a'", shape, R * mag)
-        b = p.mask("uh", name, "b'", shape, R * mag)
+        b = p.mask("uh", name, "b'", shape, R * (mag if mag_share is None else mag_share))
         if p.is_user:
             p.keep(name + "/unperm", (a, b))
         else:
@@ -170,7 +173,8 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
 async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
                          f: Callable[..., np.ndarray], *, mags_in: Sequence[float], mag_out: float,
                          mode: str = "flat", valid: np.ndarray | None = None,
-                         shape: tuple[int, ...] | None = None) -> np.ndarray | None:
+                         shape: tuple[int, ...] | None = None,
+                         mag_share: float | np.ndarray | None = None) -> np.ndarray | None:
     """[f(x₀, x₁, …)] for f commuting with π: permute-and-reveal, f at U, reshare-unpermute.
 
     Exactly 2 online hops (M → U, U → M). ``f`` must map permuted inputs to a permuted
@@ -181,4 +185,4 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
     shp = tuple(shape) if shape is not None else tuple(xs[0].shape)  # type: ignore[union-attr]
     clear = await permute_reveal(p, name, xs, mags=mags_in, mode=mode, valid=valid, shape=shp)
     y = f(*clear) if clear is not None else None
-    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp)
+    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share)

@@ -24,12 +24,13 @@ def stream(seed: bytes, *key: str | int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int.from_bytes(h.digest(), "little")))
 
 
-def uniform_mask(gen: np.random.Generator, shape: tuple[int, ...], width: float, dtype: np.dtype) -> np.ndarray:
-    """A mask drawn uniformly from [-width/2, width/2]."""
+def uniform_mask(gen: np.random.Generator, shape: tuple[int, ...], width: float | np.ndarray,
+                 dtype: np.dtype) -> np.ndarray:
+    """A mask drawn uniformly from [-width/2, width/2]; ``width`` may vary along the last axis."""
     dt = np.dtype(dtype)
     out = gen.random(shape, dtype=dt)
     out -= dt.type(0.5)
-    out *= dt.type(width)
+    out *= np.asarray(width, dtype=dt) if np.ndim(width) else dt.type(width)
     return out
 
 

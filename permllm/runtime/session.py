@@ -191,14 +191,20 @@ class HelperSession(_Party):
             await self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None)
 
 
-def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float]]:
+def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float | np.ndarray]]:
     if not (isinstance(info, dict) and isinstance(info.get("arch"), dict) and isinstance(info.get("mags"), dict)):
         raise ProtocolError("malformed model description from the model party")
     cfg = info.get("config")
     if cfg != [p.config.dtype, p.config.ratio]:
         raise ProtocolError(f"share configuration mismatch: model party uses {cfg}, "
                             f"this party {[p.config.dtype, p.config.ratio]}")
-    return Arch.from_dict(info["arch"]), {str(k): float(v) for k, v in info["mags"].items()}
+    mags: dict[str, float | np.ndarray] = {}
+    for k, v in info["mags"].items():
+        a = np.asarray(v, dtype=np.float64)
+        if a.ndim > 1 or not np.all(np.isfinite(a)) or np.any(a <= 0):
+            raise ProtocolError(f"malformed mask magnitude {k!r} from the model party")
+        mags[str(k)] = a if a.ndim else float(a)
+    return Arch.from_dict(info["arch"]), mags
 
 
 class UserSession(_Party):

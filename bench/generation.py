@@ -1,0 +1,116 @@
+"""Fidelity and speed of private generation on SmolLM2-135M-Instruct vs plaintext transformers.
+
+For each share setting (dtype, mask ratio R) it runs greedy private generation in
+the embedded mode and reports: token agreement with transformers' greedy ids, the
+max abs error of the logits at every step (M's and U's shares of the logits are
+summed here, in this one process, purely for measurement), tokens/s of the online
+phase, and plaintext tokens/s measured in the same run. Usage:
+
+    .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 float32:16 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import numpy as np
+import torch
+
+import permllm
+from permllm.model import load_model
+from permllm.model.loaders import smollm2_dir
+from permllm.protocols import ShareConfig
+from permllm.runtime import session as S
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def hf_run(hf, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray], float]:
+    """Greedy ids, per-step logits and seconds per token of plaintext transformers (float32)."""
+    ids, logits = list(prompt), []
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        dt = time.perf_counter() - t0
+        gen = out[0, len(prompt):].tolist()
+        full = hf(torch.tensor([prompt + gen])).logits[0].double().numpy()
+    for i in range(len(gen)):
+        logits.append(full[len(ids) - 1 + i])
+    return gen, logits, dt / len(gen)
+
+
+async def private_run(lm, prompt: list[int], n: int, config: ShareConfig) -> dict:
+    captured: dict[int, dict[str, np.ndarray]] = {}
+    orig = S.select_token
+
+    async def spy(p, name, logits, **kw):  # measurement only: sum the two shares of the logits
+        if p.phase == "online" and logits is not None:
+            captured.setdefault(p.token, {})[p.role.value] = np.array(logits)
+        return await orig(p, name, logits, **kw)
+
+    S.select_token = spy
+    try:
+        async with await permllm.local(lm, config=config) as s:
+            ids = [t async for t in s.generate_ids(prompt, n)]
+            res = s.last
+    finally:
+        S.select_token = orig
+    logits = [captured[k]["model"] + captured[k]["user"] for k in sorted(captured)]
+    return {"ids": ids, "logits": logits, "online_s": res.online_s, "offline_s": res.offline_s,
+            "online_bytes": res.online_bytes, "offline_bytes": res.offline_bytes, "setup_s": res.setup_s,
+            "setup_bytes": res.setup_bytes, "hops": res.online_hops}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--settings", nargs="+", default=["float64:4096", "float64:16384", "float64:65536",
+                                                       "float32:16", "float32:64"])
+    a = ap.parse_args()
+    lm = load_model("smollm2")
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    tok = lm.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want, want_logits, plain_s = hf_run(hf, prompt, a.tokens)
+    rows = []
+    for spec in a.settings:
+        dtype, ratio = spec.split(":")
+        cfg = ShareConfig(dtype, float(ratio))
+        r = asyncio.run(private_run(lm, prompt, a.tokens, cfg))
+        agree = 0
+        for x, y in zip(r["ids"], want):
+            if x != y:
+                break
+            agree += 1
+        # logits are comparable while the sequences agree
+        errs = [float(np.max(np.abs(g - w))) for g, w in zip(r["logits"][:agree + 1], want_logits)]
+        n = len(r["ids"])
+        rows.append({"dtype": dtype, "ratio": float(ratio), "tokens": n, "agree_prefix": agree,
+                     "identical": r["ids"] == want, "max_logit_err": max(errs),
+                     "logit_range": float(np.ptp(want_logits[0])),
+                     "online_ms_per_token": 1e3 * r["online_s"] / n, "offline_ms_per_token": 1e3 * r["offline_s"] / n,
+                     "plaintext_ms_per_token": 1e3 * plain_s, "private_tok_s": n / r["online_s"],
+                     "plaintext_tok_s": 1 / plain_s, "online_bytes_per_token": r["online_bytes"] / n,
+                     "offline_bytes_per_token": r["offline_bytes"] / n, "hops": r["hops"],
+                     "setup_s": r["setup_s"], "setup_bytes": r["setup_bytes"]})
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"prompt: {len(prompt)} tokens, {a.tokens} new tokens, plaintext transformers float32: "
+          f"{1 / plain_s:.1f} tok/s")
+    print(f"{'dtype':>8}{'R':>8}{'identical':>10}{'agree':>7}{'max|Δlogit|':>13}{'tok/s':>8}{'plain tok/s':>12}"
+          f"{'online MB/tok':>14}{'offline MB/tok':>15}{'hops':>7}")
+    for r in rows:
+        print(f"{r['dtype']:>8}{r['ratio']:>8.0f}{str(r['identical']):>10}{r['agree_prefix']:>7}"
+              f"{r['max_logit_err']:>13.2e}{r['private_tok_s']:>8.2f}{r['plaintext_tok_s']:>12.1f}"
+              f"{r['online_bytes_per_token'] / 1e6:>14.2f}{r['offline_bytes_per_token'] / 1e6:>15.2f}{r['hops']:>7}")
+
+
+if __name__ == "__main__":
+    main()
