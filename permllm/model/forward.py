@@ -201,6 +201,15 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
             for k, v in ops.mags.items()}
 
 
+def _traced(fn: Callable) -> Callable:
+    """Profile a PrivateOps op under its name (a no-op unless the party is tracing)."""
+    async def wrapper(self: "PrivateOps", name: str, *args: Any, **kw: Any) -> Any:
+        async with self.p.traced(name):
+            return await fn(self, name, *args, **kw)
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 class PrivateOps:
     """One party's branch of the forward: values are its shares; ops are protocol ops."""
 
@@ -240,10 +249,12 @@ class PrivateOps:
             return x + self.w[weight][rows]  # type: ignore[index]
         return x
 
+    @_traced
     async def embed(self, name: str, ids: Any, T: int) -> Value:
         return await embed(self.p, name, ids, weight="embed", vocab=self.arch.vocab, n_tokens=T,
                            mag_out=self._col(name))
 
+    @_traced
     async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:
         bias = None
         if self.p.is_model:
@@ -251,10 +262,12 @@ class PrivateOps:
         return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._col(name), kind=kind,
                             bias=bias, l2_in=self._mag(src + "|l2"))
 
+    @_traced
     async def norm(self, name: str, x: Value, src: str, shape: tuple) -> Value:
         return await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
                                    mag_out=self._mag(name), mag_share=self._col(name))
 
+    @_traced
     async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> Value:
         return await matmul_shared(self.p, name, a, b_new, f"{self.prefix}{cache}", transpose_b=transpose_b,
@@ -262,9 +275,11 @@ class PrivateOps:
                                    mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
                                    l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
 
+    @_traced
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
 
+    @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:
         if self.arch.act == "swiglu":
             f = self.arch.ffn

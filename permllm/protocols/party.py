@@ -13,10 +13,13 @@ message tag and PRG stream, so many ops can be in flight at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import secrets
+import time
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
 
 import numpy as np
 
@@ -24,7 +27,7 @@ from ..net import Channel, Meter
 from .config import ShareConfig
 from .prg import stream, uniform_mask
 
-__all__ = ["Role", "Party", "ProtocolError"]
+__all__ = ["Role", "Party", "ProtocolError", "OpRecord"]
 
 T = TypeVar("T")
 
@@ -48,7 +51,8 @@ class ProtocolError(RuntimeError):
 class Party:
     """Context of one party: role, channels, seeds, phase, and state kept across phases."""
 
-    __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds")
+    __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds",
+                 "trace", "op")
 
     def __init__(self, role: Role, channels: Mapping[Role, Channel], config: ShareConfig, meter: Meter) -> None:
         self.role = Role(role)
@@ -61,6 +65,8 @@ class Party:
         self.weights: dict[str, Any] = {}
         self.caches: dict[str, Any] = {}
         self._seeds: dict[str, bytes] = {}
+        self.trace: list[OpRecord] | None = None  # profiling: finished op records (shared by views)
+        self.op: OpRecord | None = None  # profiling: the op this view is running
 
     def view(self, phase: str, token: int) -> "Party":
         """The same party (shared channels, seeds and state) in another phase/token.
@@ -134,9 +140,36 @@ class Party:
     def send(self, to: Role, tag: tuple, payload: Any) -> None:
         """Send in the current phase (counted under that phase)."""
         self.channels[to].send(tag, payload, phase=self.phase)
+        if self.op is not None:
+            self.op.msgs_sent += 1
+            self.op.bytes_sent += payload_bytes(payload)
 
     async def recv(self, frm: Role, tag: tuple) -> Any:
-        return await self.channels[frm].recv(tag)
+        if self.op is None:
+            return await self.channels[frm].recv(tag)
+        t0 = time.perf_counter()
+        out = await self.channels[frm].recv(tag)
+        self.op.wait_s += time.perf_counter() - t0
+        self.op.msgs_recv += 1
+        self.op.bytes_recv += payload_bytes(out)
+        return out
+
+    @contextlib.asynccontextmanager
+    async def traced(self, name: str) -> AsyncIterator[None]:
+        """Record one op (wall and waiting time, messages, bytes, hops) when profiling is on."""
+        if self.trace is None:
+            yield
+            return
+        rec = OpRecord(name, self.role.value, self.phase, self.token, hops0=self.meter.hops(self.phase))
+        self.op = rec
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            rec.wall_s = time.perf_counter() - t0
+            rec.hops = self.meter.hops(self.phase) - rec.hops0
+            self.op = None
+            self.trace.append(rec)
 
     async def recv_array(self, frm: Role, tag: tuple, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Receive an ndarray of this session's dtype (and shape, when given), else ProtocolError."""
@@ -163,6 +196,41 @@ class Party:
             raise ProtocolError(
                 f"{self.role.value}: no offline correlation for op {name!r} token {self.token}; "
                 "run the offline phase for this token first") from None
+
+
+@dataclass(slots=True)
+class OpRecord:
+    """What one op cost one party in one phase and token (the profiler's raw data)."""
+
+    name: str
+    party: str
+    phase: str
+    token: int
+    wall_s: float = 0.0
+    wait_s: float = 0.0       # awaiting the peers' messages (transfer + their compute)
+    msgs_sent: int = 0
+    msgs_recv: int = 0
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    hops: int = 0             # dependent hops this op added to this party's clock
+    hops0: int = 0
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.wall_s - self.wait_s, 0.0)
+
+
+def payload_bytes(x: Any) -> int:
+    """Approximate wire size of a payload (exact for its arrays and bytes)."""
+    if isinstance(x, np.ndarray):
+        return x.nbytes
+    if isinstance(x, (bytes, bytearray)):
+        return len(x)
+    if isinstance(x, (list, tuple)):
+        return sum(payload_bytes(y) for y in x)
+    if isinstance(x, dict):
+        return sum(payload_bytes(y) for y in x.values())
+    return 8
 
 
 def check_array(a: Any, dtype: np.dtype | None, shape: tuple[int, ...] | None, what: str) -> None:

@@ -83,8 +83,9 @@ class _Party:
         pv, ops = self.ops(phase, g.base + step, g.index)
         logits = await Forward(self.arch).step(ops, ids, StepShape(self.arch, g.prompt_len, step))  # type: ignore[arg-type]
         row = None if logits is None else logits.reshape(-1)
-        return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
-                                  vocab=self.arch.vocab)  # type: ignore[union-attr]
+        async with pv.traced("select"):
+            return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
+                                      vocab=self.arch.vocab)  # type: ignore[union-attr]
 
     async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         for step in range(g.max_new):
