@@ -102,6 +102,42 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from .runtime.bench import KEYS, bench_chatglm_layer, bench_smollm2
+
+    if args.target == "smollm2":
+        r = await bench_smollm2(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.transport,
+                                _config(args))
+    else:
+        r = await bench_chatglm_layer(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.dtype)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        for k in (*KEYS, *(k for k in r if k not in KEYS)):
+            print(f"{k:<28}{r[k]}")
+    return 0
+
+
+async def _profile(args: argparse.Namespace) -> int:
+    from . import local
+    from .runtime.profile import enable, format_table, plot, summarize
+
+    link = _link(args)
+    session = await local(args.model, transport=args.transport, config=_config(args), link=link)
+    async with session:
+        records = enable(session.trio.parties)  # type: ignore[union-attr]
+        ids = session.encode(args.prompt, chat=not args.raw) if session.tokenizer else [1, 2, 3]
+        [t async for t in session.generate_ids(ids, args.max_new_tokens, offline_first=True)]
+        r = session.last
+    s = summarize([x for rs in records for x in rs], link)
+    print(format_table(s, "online"))
+    print()
+    print(format_table(s, "offline"))
+    plot(s, args.out, title=f"{args.model}: {len(r.token_ids)} tokens, rtt {args.rtt} ms")
+    print(f"\n{len(r.token_ids)} tokens, online {r.online_s:.2f} s, {r.online_hops} hops; chart: {args.out}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .net import run
     from .runtime.opsdemo import format_report, op_report
@@ -165,6 +201,29 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dtype", nargs="+", choices=["float64", "float32"], default=["float64", "float32"])
     d.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     d.set_defaults(fn=_demo)
+
+    b = sub.add_parser("bench", help="private vs plaintext, same run: smollm2 or one ChatGLM-6B layer")
+    b.add_argument("target", choices=["smollm2", "chatglm6b-layer"])
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--tokens", type=int, default=8, help="generated tokens (decode steps)")
+    b.add_argument("--prompt-len", type=int, default=64)
+    b.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
+    b.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
+    b.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
+    _share_args(b)
+    b.set_defaults(fn=lambda a: asyncio.run(_bench(a)))
+
+    pr = sub.add_parser("profile", help="per-op time, bytes and hops of a private generation, with a chart")
+    pr.add_argument("prompt", nargs="?", default="What is the capital of France?")
+    pr.add_argument("--model", default="smollm2")
+    pr.add_argument("--max-new-tokens", type=int, default=8)
+    pr.add_argument("--raw", action="store_true")
+    pr.add_argument("--out", default="profile.png", help="PNG chart path")
+    pr.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
+    pr.add_argument("--rtt", type=float, default=0.0)
+    pr.add_argument("--bandwidth", type=float, default=None)
+    _share_args(pr)
+    pr.set_defaults(fn=lambda a: asyncio.run(_profile(a)))
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,

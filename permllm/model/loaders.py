@@ -223,8 +223,12 @@ def _gpt2(c: Any, sd: dict[str, np.ndarray]) -> ModelWeights:
     return ModelWeights(arch, t)
 
 
-def from_chatglm(cfg: Any, tensors: dict[str, Any]) -> ModelWeights:
-    """Prepared weights from THUDM-named ChatGLM-6B tensors (``chatglm_ref.init_weights``)."""
+def from_chatglm(cfg: Any, tensors: dict[str, Any], layers: Any = None) -> ModelWeights:
+    """Prepared weights from THUDM-named ChatGLM-6B tensors (``chatglm_ref.init_weights``).
+
+    ``layers`` limits preparation to those layers (benchmarks of single full-size layers;
+    the embedding and final norm are then optional).
+    """
     sd = {k: _np(v) if not isinstance(v, np.ndarray) else v.astype(np.float64) for k, v in tensors.items()}
     H, hd, h = cfg.num_heads, cfg.hidden_size // cfg.num_heads, cfg.hidden_size
     arch = Arch(family="chatglm", vocab=cfg.vocab_size, hidden=h, layers=cfg.num_layers, heads=H, kv_heads=H,
@@ -232,8 +236,10 @@ def from_chatglm(cfg: Any, tensors: dict[str, Any]) -> ModelWeights:
                 act="gelu_tanh", pos="rope2d", max_positions=cfg.max_positions, residual="alpha",
                 prefix_bidirectional=True, tied_head=True, qkv_bias=True, o_bias=True, mlp_bias=True)
     a = arch.alpha
-    t: dict[str, np.ndarray] = {"embed": sd["transformer.word_embeddings.weight"]}
-    for i in range(arch.layers):
+    t: dict[str, np.ndarray] = {}
+    if "transformer.word_embeddings.weight" in sd:
+        t["embed"] = sd["transformer.word_embeddings.weight"]
+    for i in range(arch.layers) if layers is None else layers:
         p = f"transformer.layers.{i}."
         g1, b1 = sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"]
         g2, b2 = sd[p + "post_attention_layernorm.weight"], sd[p + "post_attention_layernorm.bias"]
@@ -247,5 +253,6 @@ def from_chatglm(cfg: Any, tensors: dict[str, Any]) -> ModelWeights:
         t[f"L{i}.mlp_in"], t[f"L{i}.mlp_in.b"] = _fold_ln(sd[p + "mlp.dense_h_to_4h.weight"],
                                                           sd[p + "mlp.dense_h_to_4h.bias"], g2, b2)
         t[f"L{i}.mlp_out"], t[f"L{i}.mlp_out.b"] = sd[p + "mlp.dense_4h_to_h.weight"], sd[p + "mlp.dense_4h_to_h.bias"]
-    t["final"], t["final.b"] = sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"]
+    if "transformer.final_layernorm.weight" in sd:
+        t["final"], t["final.b"] = sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"]
     return ModelWeights(arch, t)

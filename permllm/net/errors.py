@@ -27,5 +27,17 @@ class PeerClosed(NetError):
     """
 
 
+class PeerTimeout(NetError):
+    """The peer sent nothing (or accepted nothing) for longer than the link's timeout."""
+
+
+class PeerAborted(NetError):
+    """The peer ended the session on purpose and said why (``Channel.abort``)."""
+
+
 class HandshakeError(NetError):
-    """Peer's handshake does not match (version, role, session): the message names both sides' values."""
+    """Peer's handshake does not match (version, role, session, terms): the message names both sides' values."""
+
+
+class TlsError(HandshakeError):
+    """A TLS handshake that failed, or a peer certificate that does not fit (CA, role, expiry, pin)."""

@@ -42,6 +42,7 @@ class GenerationResult:
     setup_s: float = 0.0
     setup_bytes: int = 0
     online_hops: int = 0
+    step_s: list[float] = field(default_factory=list)  # online seconds of each step (step 0: prefill)
 
     @property
     def tokens_per_s(self) -> float:
@@ -83,7 +84,8 @@ class Session:
         return list(tok.encode(prompt))
 
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
-                           sampler: Sampler | None = None) -> AsyncIterator[int]:
+                           sampler: Sampler | None = None, stop_at_eos: bool = True,
+                           offline_first: bool = False) -> AsyncIterator[int]:
         """Yield token ids; fills :attr:`last` with the ids, times and traffic."""
         res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s)
         self.last = res
@@ -91,7 +93,8 @@ class Session:
         off0 = self._user.offline_s
         t_prev = time.perf_counter()
         try:
-            async for tok in self._user.generate(list(prompt_ids), max_new_tokens, sampler):
+            async for tok in self._user.generate(list(prompt_ids), max_new_tokens, sampler, stop_at_eos,
+                                                 offline_first):
                 now = time.perf_counter()
                 res.online_s += now - t_prev
                 res.token_ids.append(tok)
@@ -108,6 +111,9 @@ class Session:
             res.offline_bytes += a_off - b_off
             res.setup_bytes += a_set
         res.offline_s = self._user.offline_s - off0
+        res.step_s = list(self._user.last_steps)
+        if offline_first:  # the first step also waited for the whole offline phase: count steps only
+            res.online_s = sum(res.step_s)
         res.online_hops = max(m.hops("online") for m in self._meters)
         for m in self._meters:  # hops are counted per generation
             m.clock["online"] = 0

@@ -59,6 +59,7 @@ class _Gen:
     base: int
     prompt_len: int
     max_new: int
+    ahead: int = OFFLINE_AHEAD  # tokens the offline phase may run ahead
 
 
 class _Party:
@@ -111,7 +112,10 @@ class _Party:
         if req["base"] != self.next_token:
             raise ProtocolError(f"generation request starts at token {req['base']}, expected {self.next_token}")
         check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
-        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"])
+        ahead = req.get("ahead", OFFLINE_AHEAD)
+        if not isinstance(ahead, int) or not 1 <= ahead <= req["max_new"] + OFFLINE_AHEAD:
+            raise ProtocolError(f"generation request: bad offline window {ahead!r}")
+        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"], ahead)
         self.gens += 1
         self.next_token += g.max_new
         return g
@@ -150,7 +154,7 @@ class ModelSession(_Party):
                 return
             g = self.accept(req)
             ready = [asyncio.Event() for _ in range(g.max_new)]
-            window = asyncio.Semaphore(OFFLINE_AHEAD)
+            window = asyncio.Semaphore(g.ahead)
             off = asyncio.create_task(self.offline(g, ready, window))
             try:
                 for step in range(g.max_new):
@@ -221,30 +225,41 @@ class UserSession(_Party):
         return self.arch
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int,
-                       sampler: Sampler | None = None) -> AsyncIterator[int]:
-        """Yield generated token ids as they come; stops at an end-of-sequence id or the limit."""
+                       sampler: Sampler | None = None, stop_at_eos: bool = True,
+                       offline_first: bool = False) -> AsyncIterator[int]:
+        """Yield generated token ids as they come; stops at the limit or (``stop_at_eos``) an end id.
+
+        With ``offline_first`` the whole offline phase runs before the first online step
+        (benchmarks: the online time then excludes it); otherwise it runs ahead by a window.
+        """
         arch, p = self.arch, self.p
         assert arch is not None, "setup() first"
         sampler = sampler or Sampler()
         check_context(arch, len(prompt_ids), max_new_tokens)
         if any(not 0 <= int(t) < arch.vocab for t in prompt_ids):
             raise ValueError(f"prompt token id out of range [0, {arch.vocab})")
-        req = {"base": self.next_token, "prompt_len": len(prompt_ids), "max_new": max_new_tokens}
+        ahead = max_new_tokens if offline_first else OFFLINE_AHEAD
+        req = {"base": self.next_token, "prompt_len": len(prompt_ids), "max_new": max_new_tokens, "ahead": ahead}
         p.send(Role.MODEL, ("ctl", self.gens, "req"), req)
         p.send(Role.HELPER, ("ctl", self.gens, "req"), req)
         g = self.accept(req)
+        self.last_steps: list[float] = []  # online seconds of each step of this generation
         rng = make_rng(sampler)
         ready = [asyncio.Event() for _ in range(g.max_new)]
-        window = asyncio.Semaphore(OFFLINE_AHEAD)
+        window = asyncio.Semaphore(g.ahead)
         off = asyncio.create_task(self.offline(g, ready, window))
         ids: list[int] = list(prompt_ids)
         try:
+            if offline_first:
+                await _first(ready[-1].wait(), off)
             for step in range(g.max_new):
                 await _first(ready[step].wait(), off)
+                t0 = time.perf_counter()
                 tok = await self.step("online", g, step, ids, rng, sampler)
+                self.last_steps.append(time.perf_counter() - t0)
                 window.release()
                 assert tok is not None
-                more = step + 1 < g.max_new and tok not in arch.eos_ids
+                more = step + 1 < g.max_new and not (stop_at_eos and tok in arch.eos_ids)
                 p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), more)
                 yield tok
                 if not more:

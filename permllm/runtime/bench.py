@@ -1,0 +1,184 @@
+"""Benchmarks behind ``permllm bench``: private vs plaintext, measured in the same run.
+
+Targets:
+
+* ``smollm2`` — SmolLM2-135M-Instruct end to end in the embedded mode (the real
+  model): time to first token and online ms per generated token, against
+  transformers' plaintext generation of the same prompt.
+* ``chatglm6b-layer`` — one full-size ChatGLM-6B decoder layer (hidden 4096, 32 heads,
+  MLP 16384, random weights), prefill then decode steps, three parties over loopback
+  TCP, against the plaintext layer in the same dtype.
+
+Both report the keys of :data:`KEYS` (and more). Online times are measured with the
+offline phase already done (it runs ahead in real use), so they are the latency a user
+sees once the offline phase keeps up.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from ..net import LinkEmulator
+from ..protocols import ShareConfig, setup_weight
+from .mesh import DealtInput, local_trio, run_offline, run_online, run_setup
+from .profile import enable, op_kind
+
+__all__ = ["KEYS", "bench_smollm2", "bench_chatglm_layer"]
+
+KEYS = ("online_ms_per_token", "plaintext_ms_per_token", "offline_ms_per_token", "hops_per_layer",
+        "hops_per_token", "online_bytes_per_token", "offline_bytes_per_token", "setup_bytes", "ttft_ms",
+        "plaintext_ttft_ms")
+
+TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
+        "grain, salt and cloth. Over the centuries it grew into a busy port with markets, schools and bridges, "
+        "and its people became known for their music, their gardens and their careful records of the weather. ")
+
+
+def _link(rtt_ms: float, bandwidth_mbit: float | None) -> LinkEmulator | None:
+    return LinkEmulator.from_spec(rtt_ms, bandwidth_mbit) if rtt_ms or bandwidth_mbit else None
+
+
+def _layer_hops(records: list, layers: int) -> float:
+    """Dependent hops per decoder layer in decode steps: max clock reached − min clock at start, per layer."""
+    spans: dict[tuple[int, int], list[int]] = {}
+    first = min((r.token for r in records), default=0)
+    for r in records:
+        layer, _ = op_kind(r.name)
+        if layer is None or r.phase != "online" or r.token == first:
+            continue
+        lo_hi = spans.setdefault((r.token, layer), [1 << 60, 0])
+        lo_hi[0] = min(lo_hi[0], r.hops0)
+        lo_hi[1] = max(lo_hi[1], r.hops0 + r.hops)
+    vals = [hi - lo for lo, hi in spans.values()]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 0.0,
+                        bandwidth_mbit: float | None = None, transport: str = "memory",
+                        config: ShareConfig | None = None) -> dict[str, Any]:
+    """SmolLM2 end to end: private (embedded) vs transformers, same prompt, same run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .. import local
+    from ..model import load_model
+    from ..model.loaders import smollm2_dir
+
+    lm = await asyncio.to_thread(load_model, "smollm2")
+    ids = lm.tokenizer.encode(TEXT * (1 + prompt_len // 40))[:prompt_len]
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    with torch.no_grad():  # plaintext: prefill then decode with the KV cache
+        hf(torch.tensor([ids]))  # warm-up
+        t0 = time.perf_counter()
+        out = hf(torch.tensor([ids]), use_cache=True)
+        nxt = int(out.logits[0, -1].argmax())
+        ttft_plain = time.perf_counter() - t0
+        past, t1 = out.past_key_values, time.perf_counter()
+        for _ in range(tokens - 1):
+            out = hf(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        plain_tok = (time.perf_counter() - t1) / max(tokens - 1, 1)
+    session = await local(lm, transport=transport, config=config, link=_link(rtt_ms, bandwidth_mbit))
+    async with session:
+        records = enable(session.trio.parties)  # type: ignore[union-attr]
+        [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
+        r = session.last
+    recs = [x for rs in records for x in rs]
+    steps = r.step_s
+    L = lm.arch.layers
+    decode_hops = (r.online_hops - 0) / max(len(steps), 1)
+    return {
+        "target": "smollm2", "tokens": len(steps), "prompt_len": prompt_len, "rtt_ms": rtt_ms,
+        "bandwidth_mbit": bandwidth_mbit, "dtype": session._user.p.config.dtype,
+        "ttft_ms": 1e3 * steps[0], "plaintext_ttft_ms": 1e3 * ttft_plain,
+        "online_ms_per_token": 1e3 * float(np.mean(steps[1:] or steps)),
+        "plaintext_ms_per_token": 1e3 * plain_tok,
+        "offline_ms_per_token": 1e3 * r.offline_s / len(steps),
+        "hops_per_layer": _layer_hops(recs, L), "hops_per_token": decode_hops,
+        "online_bytes_per_token": r.online_bytes / len(steps), "offline_bytes_per_token": r.offline_bytes / len(steps),
+        "setup_bytes": r.setup_bytes, "setup_s": r.setup_s,
+    }
+
+
+async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: float = 0.0,
+                              bandwidth_mbit: float | None = None, dtype: str = "float64",
+                              seed: int = 0) -> dict[str, Any]:
+    """One full-size ChatGLM-6B layer: prefill ``prompt_len`` rows, then ``tokens`` decode steps."""
+    import torch
+
+    from ..model import Forward, PlainOps, PrivateOps, StepShape, from_chatglm
+    from ..model.chatglm_ref import ChatGLMConfig, init_weights
+
+    cfg = full = ChatGLMConfig.full()
+    tensors = init_weights(cfg, seed=seed, dtype=torch.float32, layers=range(1))
+    w = from_chatglm(cfg, tensors, layers=range(1))
+    arch = w.arch
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(prompt_len, arch.hidden))] + [rng.normal(size=(1, arch.hidden)) for _ in range(tokens)]
+    shapes = [StepShape(arch, prompt_len, s) for s in range(tokens + 1)]
+    # Plaintext layer in the share dtype; its records give the public mask magnitudes.
+    plain = PlainOps(w)
+    fwd = Forward(arch)
+    plain_s = []
+    for x, sh in zip(xs, shapes):
+        t0 = time.perf_counter()
+        await fwd.layer(plain, 0, x.astype(dtype), sh)
+        plain_s.append(time.perf_counter() - t0)
+    mags = {k: (np.maximum(2 * np.asarray(v), 1e-3) if np.ndim(v) else max(2 * v, 1e-3)) for k, v in plain.mags.items()}
+    config = ShareConfig.for_dtype(dtype)
+    trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
+    async with trio:
+        names = [f"L0.{n}" for n in ("qkv", "o", "mlp_in", "mlp_out")] + ["L0.res_in", "L0.res_post"]
+        for n in names:
+            await run_setup(trio, lambda p, n=n: setup_weight(p, n, w[n] if p.is_model else None))
+        setup_bytes = sum(p.meter.total("setup").bytes_sent for p in trio.parties)
+        online_s, offline_s, hops, on_bytes, off_bytes = [], [], [], [], []
+        for step, (x, sh) in enumerate(zip(xs, shapes)):
+            d = DealtInput(trio, f"x{step}", x, float(np.max(np.abs(x))) * 2)
+
+            async def graph(p, d=d, sh=sh):
+                ops = PrivateOps(p, arch, mags, w if p.is_model else None, "g0.")
+                return await fwd.layer(ops, 0, d.of(p), sh)
+            for p in trio.parties:
+                p.meter.reset()
+            t0 = time.perf_counter()
+            await run_offline(trio, graph, step)
+            offline_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            m, u = await run_online(trio, graph, step)
+            online_s.append(time.perf_counter() - t0)
+            hops.append(max(p.meter.hops("online") for p in (trio.model, trio.user)))
+            on_bytes.append(sum(p.meter.total("online").bytes_sent for p in trio.parties))
+            off_bytes.append(sum(p.meter.total("offline").bytes_sent for p in trio.parties))
+            want = await fwd.layer(PlainOps(w), 0, x, sh) if step == 0 else None
+            if want is not None:
+                err0 = float(np.max(np.abs(m + u - want)))
+    dec = slice(1, None)
+    layer_online = float(np.mean(online_s[dec]))
+    per_token_bytes = 28 * float(np.mean(on_bytes[dec])) + _selection_bytes(full.vocab_size, dtype)
+    return {
+        "target": "chatglm6b-layer", "tokens": tokens, "prompt_len": prompt_len, "rtt_ms": rtt_ms,
+        "bandwidth_mbit": bandwidth_mbit, "dtype": dtype,
+        "online_ms_per_token": 1e3 * layer_online, "plaintext_ms_per_token": 1e3 * float(np.mean(plain_s[dec])),
+        "offline_ms_per_token": 1e3 * float(np.mean(offline_s[dec])),
+        "ttft_ms": 1e3 * online_s[0], "plaintext_ttft_ms": 1e3 * plain_s[0],
+        "hops_per_layer": float(np.mean(hops[dec])), "hops_per_token": 28 * float(np.mean(hops[dec])) + 6,
+        "online_bytes_per_token": per_token_bytes, "online_bytes_per_layer": float(np.mean(on_bytes[dec])),
+        "offline_bytes_per_token": 28 * float(np.mean(off_bytes[dec])), "setup_bytes": setup_bytes,
+        "prefill_max_abs_err": err0, "ratio_online_to_plaintext": layer_online / float(np.mean(plain_s[dec])),
+        "note": "per-token figures scale one layer to ChatGLM-6B's 28 layers; token selection and embedding "
+                "bytes at vocab 130528 added analytically",
+    }
+
+
+def _selection_bytes(vocab: int, dtype: str) -> float:
+    """Online bytes of token selection and the next embedding at this vocabulary size.
+
+    Permuted logits (vocab values), the BFV query (⌈vocab/4096⌉ ciphertexts of 131,218 B)
+    and answer (one ciphertext), and the masked one-hot of the embedding lookup (vocab values).
+    """
+    item = np.dtype(dtype).itemsize
+    return 2 * vocab * item + (-(-vocab // 4096) + 1) * 131_218
