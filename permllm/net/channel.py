@@ -7,31 +7,47 @@ protocols or models. A :class:`Channel` links this party to one peer
 arrives, in any order, so many operations can be in flight at once. Every
 message is counted in the party's :class:`Meter` and carries a hop-clock
 stamp; an optional :class:`LinkEmulator` delays delivery. :func:`open_channel`
-performs the handshake and starts the channel.
+(connecting side) and :func:`accept_channel` (daemons) perform the handshake and
+start the channel.
+
+For links to untrusted peers a channel can bind every frame to its session
+(a frame of another session is refused), bound the bytes of messages nobody
+has asked for yet, end a link whose peer goes silent (``timeout``), and end a
+session with a reason the peer sees (:meth:`Channel.abort`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ssl
 from collections import deque
-from typing import Any, Collection
+from typing import Any, Callable, Collection, Mapping
 
 from .codec import decode_message, encode_message, packb, unpackb
 from .emulation import LinkEmulator
-from .errors import FrameError, FrameTooLarge, HandshakeError, NetError, PeerClosed
+from .errors import FrameError, FrameTooLarge, HandshakeError, NetError, PeerAborted, PeerClosed, PeerTimeout, TlsError
 from .meter import PHASES, Meter
+from .tls import PeerCert, tls_reason
 from .transport import Transport
 
-__all__ = ["PROTOCOL_VERSION", "Tag", "Channel", "open_channel"]
+__all__ = ["PROTOCOL_VERSION", "ABORT", "Tag", "Channel", "open_channel", "accept_channel", "printable"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+ABORT = "!abort"  # the reserved tag kind of Channel.abort's frame
 
 Tag = tuple  # of str | int, e.g. ("linear", "L0.q", 3, "u"); tag[0] is the 'kind' used for counters
 
 _PREFIX_BYTES = 4          # the transport's length prefix, counted as wire bytes
 _CLOSE_FLUSH_TIMEOUT = 5.0  # how long close() waits for queued frames to go out
 
-_Item = tuple[str, int, Any]  # (phase, stamp, payload) of a received message
+_Item = tuple[str, int, Any, int]  # (phase, stamp, payload, frame bytes) of a received message
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` cut to ``limit`` characters with control characters replaced: safe to log when a peer wrote it."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return text
 
 
 def _for_tag(err: NetError, tag: Tag) -> NetError:
@@ -45,14 +61,20 @@ class Channel:
     """Link to one peer with tagged mailboxes (MPyC-style): send(tag, payload) is one write; recv(tag) returns the payload when the message with that tag arrives, in any order, so many ops can be in flight at once."""
 
     __slots__ = (
-        "name", "_transport", "_meter", "_link", "_loop", "_mailbox", "_waiters",
+        "name", "peer_terms", "_transport", "_meter", "_link", "_loop", "_mailbox", "_waiters",
         "_outq", "_wake", "_pending", "_flushers", "_error", "_closing", "_tasks",
+        "_timeout", "_bind", "_max_unread", "_unread", "_active", "_down",
     )
 
     def __init__(
-        self, transport: Transport, meter: Meter, *, link: LinkEmulator | None = None, name: str = ""
+        self, transport: Transport, meter: Meter, *, link: LinkEmulator | None = None, name: str = "",
+        timeout: float | None = None, bind: bytes | None = None, max_unread: int | None = None,
     ) -> None:
+        """``timeout``: fail the link when the peer neither sends nor accepts a frame for that many
+        seconds while this party waits on it; ``bind``: the session binding every frame carries;
+        ``max_unread``: the most bytes of received messages that may wait for a ``recv``."""
         self.name = name or transport.peer  # the peer's name in error messages
+        self.peer_terms: dict[str, Any] = {}  # what the peer stated in its hello
         self._transport = transport
         self._meter = meter
         self._link = link
@@ -66,10 +88,27 @@ class Channel:
         self._error: NetError | None = None
         self._closing = False
         self._tasks: tuple[asyncio.Task[None], ...] = ()
+        self._timeout = timeout
+        self._bind = bind
+        self._max_unread = max_unread
+        self._unread = 0  # bytes of frames in the mailbox
+        self._active = 0.0  # loop time of the last frame read or written
+        self._down = asyncio.Event()
 
     @property
     def error(self) -> BaseException | None:
         """The error that failed or closed the channel, or None while it is healthy."""
+        return self._error
+
+    @property
+    def peer_cert(self) -> PeerCert | None:
+        """The peer's verified TLS certificate (None on an unauthenticated link)."""
+        return self._transport.peer_cert
+
+    async def wait_failed(self) -> BaseException:
+        """Wait until the channel fails or is closed; return the error."""
+        await self._down.wait()
+        assert self._error is not None
         return self._error
 
     def start(self) -> None:
@@ -77,6 +116,7 @@ class Channel:
         if self._loop is not None:
             raise RuntimeError(f"channel to peer {self.name!r} already started")
         self._loop = asyncio.get_running_loop()
+        self._active = self._loop.time()
         self._tasks = (
             self._loop.create_task(self._read_loop(), name=f"permllm-net-read[{self.name}]"),
             self._loop.create_task(self._write_loop(), name=f"permllm-net-write[{self.name}]"),
@@ -96,8 +136,13 @@ class Channel:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
         tag = tuple(tag)
+        if tag and tag[0] == ABORT:
+            raise ValueError(f"the tag kind {ABORT!r} is reserved for Channel.abort")
+        self._enqueue(tag, phase, payload)
+
+    def _enqueue(self, tag: Tag, phase: str, payload: Any) -> None:
         meter = self._meter
-        frame = encode_message(tag, phase, meter.clock[phase] + 1, payload)
+        frame = encode_message(tag, phase, meter.clock[phase] + 1, payload, self._bind)
         if len(frame) > self._transport.max_frame:
             raise FrameTooLarge(
                 f"message {tag!r} to peer {self.name!r} is a frame of {len(frame)} bytes, "
@@ -116,10 +161,14 @@ class Channel:
         A message that arrived before the channel failed is still returned.
         Otherwise raises the channel's error (PeerClosed, FrameError, ...)
         naming the tag, or asyncio.TimeoutError after ``timeout`` seconds.
+        Without ``timeout``, a channel made with a link timeout fails with
+        PeerTimeout once the link has been idle that long during the wait.
         """
         tag = tuple(tag)
         item = self._mailbox.pop(tag, None)
-        if item is None:
+        if item is not None:
+            self._unread -= item[3]
+        else:
             if self._error is not None:
                 raise _for_tag(self._error, tag)
             if self._loop is None:
@@ -129,7 +178,12 @@ class Channel:
             fut: asyncio.Future[_Item] = self._loop.create_future()
             self._waiters[tag] = fut
             try:
-                item = await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+                if timeout is not None:
+                    item = await asyncio.wait_for(fut, timeout)
+                elif self._timeout is not None:
+                    item = await self._wait_live(fut)
+                else:
+                    item = await fut
             except asyncio.TimeoutError:
                 raise asyncio.TimeoutError(
                     f"timed out after {timeout} s waiting for {tag!r} from peer {self.name!r}"
@@ -137,13 +191,28 @@ class Channel:
             except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._mailbox[tag] = fut.result()  # arrived just as we were cancelled: keep it
+                    self._unread += fut.result()[3]
                 raise
             finally:
                 if self._waiters.get(tag) is fut:
                     del self._waiters[tag]
-        phase, stamp, payload = item
+        phase, stamp, payload, _ = item
         self._meter.on_consume(phase, stamp)
         return payload
+
+    async def _wait_live(self, fut: asyncio.Future[_Item]) -> _Item:
+        """Await ``fut`` while the link shows life: a frame read or written within the link timeout."""
+        loop, limit = self._loop, self._timeout
+        assert loop is not None and limit is not None
+        start = loop.time()
+        while True:
+            left = max(start, self._active) + limit - loop.time()
+            if left <= 0:
+                self._fail(PeerTimeout(f"peer {self.name!r} sent and accepted nothing for {limit:g} s"))
+                return fut.result()  # raises the timeout, naming the tag
+            await asyncio.wait((fut,), timeout=left)
+            if fut.done():
+                return fut.result()
 
     async def flush(self) -> None:
         """Wait until every queued frame has been handed to the transport."""
@@ -157,6 +226,19 @@ class Channel:
         fut: asyncio.Future[None] = self._loop.create_future()
         self._flushers.append(fut)
         await fut
+
+    async def abort(self, reason: str) -> None:
+        """End the link on purpose: send ``reason`` (the peer's recvs fail with PeerAborted naming it), then close.
+
+        Wire format: one message with the reserved tag ``("!abort",)`` and the reason
+        (a str) as payload, after every message queued before it.
+        """
+        if self._error is None and self._loop is not None and not self._closing:
+            try:
+                self._enqueue((ABORT,), "setup", printable(reason))
+            except NetError:
+                pass  # the link failed meanwhile: close() below is all that is left to do
+        await self.close()
 
     async def close(self) -> None:
         """Flush (best effort, bounded), close the transport and stop the tasks; idempotent.
@@ -190,28 +272,42 @@ class Channel:
                 fut.set_exception(err)
         self._flushers.clear()
         self._wake.set()  # lets the writer task see the error and stop
+        self._down.set()
 
     async def _read_loop(self) -> None:
         transport, meter, mailbox, waiters = self._transport, self._meter, self._mailbox, self._waiters
+        loop = self._loop
+        assert loop is not None
         try:
             while True:
                 body = await transport.recv()
+                self._active = loop.time()
                 try:
-                    tag, phase, stamp, payload = decode_message(body)
+                    tag, phase, stamp, payload = decode_message(body, self._bind)
                 except FrameError as e:
                     raise FrameError(f"malformed frame from peer {self.name!r}: {e}") from e
                 if phase not in PHASES:
-                    raise FrameError(f"message {tag!r} from peer {self.name!r} has unknown phase {phase!r}")
-                meter.on_arrive(phase, str(tag[0]), len(body) + _PREFIX_BYTES)
+                    raise FrameError(f"message {tag!r} from peer {self.name!r} has unknown phase {printable(phase, 40)!r}")
+                if tag == (ABORT,):
+                    why = printable(payload) if isinstance(payload, str) else "(no reason given)"
+                    raise PeerAborted(f"peer {self.name!r} ended the session: {why}")
+                n = len(body) + _PREFIX_BYTES
+                meter.on_arrive(phase, str(tag[0]), n)
                 fut = waiters.pop(tag, None)
                 if fut is not None and not fut.done():
-                    fut.set_result((phase, stamp, payload))
+                    fut.set_result((phase, stamp, payload, n))
                 elif tag in mailbox:
                     raise FrameError(
                         f"duplicate message for tag {tag!r} from peer {self.name!r} (the previous one was not consumed)"
                     )
                 else:
-                    mailbox[tag] = (phase, stamp, payload)
+                    mailbox[tag] = (phase, stamp, payload, n)
+                    self._unread += n
+                    if self._max_unread is not None and self._unread > self._max_unread:
+                        raise FrameError(
+                            f"peer {self.name!r} sent {self._unread} bytes of messages this party has not asked "
+                            f"for yet (limit {self._max_unread}); the last one was {tag!r}"
+                        )
         except NetError as e:
             self._fail(e)
         except Exception as e:  # a bug below us must not leave recvs hanging
@@ -235,7 +331,14 @@ class Channel:
                     delay = at - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                await transport.send(frame)
+                if self._timeout is None:
+                    await transport.send(frame)
+                else:
+                    try:
+                        await asyncio.wait_for(transport.send(frame), self._timeout)
+                    except asyncio.TimeoutError:
+                        raise PeerTimeout(f"peer {self.name!r} accepted no data for {self._timeout:g} s") from None
+                self._active = loop.time()
                 self._pending -= 1
                 if not self._pending and self._flushers:
                     for fut in self._flushers:
@@ -251,31 +354,72 @@ class Channel:
         await transport.close()
 
 
-def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: str) -> None:
+Terms = Mapping[str, Any]  # what a party states in its hello (str/int/float/bool values), compared key by key
+
+
+def _binding(session: str) -> bytes:
+    """The 8-byte session binding carried by every frame of a session-bound channel."""
+    return hashlib.sha256(b"permllm-session:" + session.encode()).digest()[:8]
+
+
+def _hello(role: str, session: str, terms: Terms | None, bind: bool) -> dict[str, Any]:
+    hello: dict[str, Any] = {"permllm": PROTOCOL_VERSION, "role": role, "session": session}
+    if terms:
+        hello["terms"] = dict(terms)
+    if bind:
+        hello["bind"] = True
+    return hello
+
+
+def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: str, terms: Terms | None = None,
+                 bind: bool = False, cert: PeerCert | None = None) -> dict[str, Any]:
+    """Check the peer's hello against this party's; return the terms the peer stated."""
     if not (isinstance(hello, dict) and "permllm" in hello):
-        text = repr(hello)
-        raise HandshakeError(
-            f"malformed handshake from peer {peer!r}: not a permllm hello: {text[:80]}{'...' if len(text) > 80 else ''}"
-        )
+        raise HandshakeError(f"malformed handshake from peer {peer!r}: not a permllm hello")
     version = hello["permllm"]
     if isinstance(hello.get("error"), str):
-        raise HandshakeError(f"peer {peer!r} refused the connection: {hello['error']}")
+        raise HandshakeError(f"peer {peer!r} refused the connection: {printable(hello['error'], 2000)}")
     if version != PROTOCOL_VERSION:
         raise HandshakeError(
-            f"protocol version mismatch: this party speaks {PROTOCOL_VERSION}, peer {peer!r} speaks {version!r}"
+            f"protocol version mismatch: this party speaks {PROTOCOL_VERSION}, "
+            f"peer {peer!r} speaks {printable(repr(version), 40)}"
         )
     their_role, their_session = hello.get("role"), hello.get("session")
     if not (isinstance(their_role, str) and isinstance(their_session, str)):
-        raise HandshakeError(f"malformed handshake from peer {peer!r}: role and session must be strings, got {hello!r}")
+        raise HandshakeError(f"malformed handshake from peer {peer!r}: role and session must be strings")
     if their_role != peer_role:
         raise HandshakeError(
             f"role mismatch: this party ({role!r}) expects peer {peer!r} to be {peer_role!r}, "
-            f"but the peer says it is {their_role!r}"
+            f"but the peer says it is {printable(their_role, 40)!r}"
         )
+    if cert is not None and their_role not in cert.roles:
+        named = f"names roles {list(cert.roles)}" if cert.roles else "names no permllm role"
+        raise TlsError(f"role mismatch: peer {peer!r} says it is {their_role!r}, but its {cert} {named}")
     if their_session != session:
         raise HandshakeError(
-            f"session mismatch: this party is in session {session!r}, peer {peer!r} is in session {their_session!r}"
+            f"session mismatch: this party is in session {session!r}, "
+            f"peer {peer!r} is in session {printable(their_session, 80)!r}"
         )
+    if bool(hello.get("bind", False)) is not bind:
+        raise HandshakeError(f"frame binding mismatch: this party {'binds' if bind else 'does not bind'} frames to "
+                             f"the session, peer {peer!r} {'does not' if bind else 'does'}")
+    theirs = hello.get("terms", {})
+    if not (isinstance(theirs, dict) and all(isinstance(k, str) for k in theirs)):
+        raise HandshakeError(f"malformed handshake from peer {peer!r}: terms must be a map with string keys")
+    mine = dict(terms or {})
+    diff = [f"{k}: this party ({role}) has {mine[k]!r}, peer {peer!r} ({their_role}) has "
+            f"{printable(repr(theirs[k]), 80)}" for k in sorted(mine.keys() & theirs.keys()) if mine[k] != theirs[k]]
+    if diff:
+        raise HandshakeError("handshake mismatch: " + "; ".join(diff))
+    return theirs
+
+
+def _closed_in_handshake(e: PeerClosed, peer: str) -> HandshakeError:
+    """A handshake cut by the peer: say so, and for a TLS alert, that the peer refused this party's certificate."""
+    cause = e.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return TlsError(f"peer {peer!r} refused this party's TLS certificate: {tls_reason(cause)}")
+    return HandshakeError(f"peer {peer!r} closed the connection during the handshake ({e})")
 
 
 async def open_channel(
@@ -287,20 +431,30 @@ async def open_channel(
     session: str,
     link: LinkEmulator | None = None,
     timeout: float = 30.0,
+    terms: Terms | None = None,
+    bind: bool = False,
+    link_timeout: float | None = None,
+    max_unread: int | None = None,
 ) -> Channel:
     """Handshake over ``transport``, then return a started :class:`Channel`.
 
     Wire format of the handshake: each side sends one frame, the msgpack map
-    ``{"permllm": PROTOCOL_VERSION, "role": role, "session": session}``, and
+    ``{"permllm": PROTOCOL_VERSION, "role": role, "session": session}`` plus
+    ``"terms": {...}`` (what this party states: e.g. a model fingerprint, a
+    dtype) and ``"bind": true`` when frames carry the session binding, and
     reads the peer's. The peer's version must equal ``PROTOCOL_VERSION``, its
-    role ``peer_role`` and its session ``session``; otherwise, or if its frame
-    is malformed, the transport is closed and HandshakeError raised naming both
-    sides' values. The two frames are counted in ``meter`` as phase "setup",
-    kind "handshake". No hello within ``timeout`` s: asyncio.TimeoutError.
+    role ``peer_role`` (and, on a TLS link, a role its certificate names), its
+    session ``session``, its binding ``bind``, and every term both sides state
+    must be equal; otherwise, or if its frame is malformed or holds an
+    ``"error"``, the transport is closed and HandshakeError (TlsError for
+    certificates) raised naming both sides' values. The peer's terms are kept
+    in ``channel.peer_terms``. The two frames are counted in ``meter`` as phase
+    "setup", kind "handshake". No hello within ``timeout`` s:
+    asyncio.TimeoutError. ``link_timeout`` and ``max_unread`` go to the channel.
     """
     peer = transport.peer
     try:
-        hello = packb({"permllm": PROTOCOL_VERSION, "role": role, "session": session})
+        hello = packb(_hello(role, session, terms, bind))
         await asyncio.wait_for(transport.send(hello), timeout)
         meter.on_send("setup", "handshake", len(hello) + _PREFIX_BYTES)
         try:
@@ -308,17 +462,25 @@ async def open_channel(
             theirs = unpackb(body)
         except FrameError as e:
             raise HandshakeError(f"malformed handshake from peer {peer!r}: {e}") from e
+        except PeerClosed as e:
+            raise _closed_in_handshake(e, peer) from e
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
-        _check_hello(theirs, role=role, peer_role=peer_role, session=session, peer=peer)
+        peer_terms = _check_hello(theirs, role=role, peer_role=peer_role, session=session, peer=peer, terms=terms,
+                                  bind=bind, cert=transport.peer_cert)
     except asyncio.TimeoutError:
         await transport.close()
         raise asyncio.TimeoutError(f"no handshake from peer {peer!r} within {timeout} s") from None
     except BaseException:
         await transport.close()
         raise
-    channel = Channel(transport, meter, link=link)
+    channel = Channel(transport, meter, link=link, timeout=link_timeout,
+                      bind=_binding(session) if bind else None, max_unread=max_unread)
+    channel.peer_terms = peer_terms
     channel.start()
     return channel
+
+
+Admit = Callable[[str, str, Mapping[str, Any]], None]
 
 
 async def accept_channel(
@@ -329,15 +491,22 @@ async def accept_channel(
     peer_roles: Collection[str],
     link: LinkEmulator | None = None,
     timeout: float = 30.0,
+    terms: Terms | None = None,
+    bind: bool = False,
+    admit: Admit | None = None,
+    link_timeout: float | None = None,
+    max_unread: int | None = None,
 ) -> tuple[Channel, str, str]:
     """Server side of the handshake: read the peer's hello first, then answer.
 
     Used by daemons, which learn the session id and the peer's role from the hello.
-    The peer's version must equal ``PROTOCOL_VERSION`` and its role be one of
-    ``peer_roles``; otherwise the answer carries an ``"error"`` field (so the
-    connecting side's :func:`open_channel` raises HandshakeError with the reason),
-    the transport is closed and HandshakeError raised here. Returns the started
-    channel, the peer's role and the session id.
+    The hello is checked as in :func:`open_channel` (version, a role among
+    ``peer_roles`` and named by its certificate on TLS, binding, terms); then
+    ``admit(role, session, peer_terms)`` may refuse the peer by raising
+    HandshakeError (e.g. too many sessions). A refusal's answer carries an
+    ``"error"`` field (so the connecting side's :func:`open_channel` raises
+    HandshakeError with the reason), the transport is closed and the error
+    raised here. Returns the started channel, the peer's role and the session id.
     """
     peer = transport.peer
     try:
@@ -349,12 +518,17 @@ async def accept_channel(
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
         their_role = theirs.get("role") if isinstance(theirs, dict) else None
         session = theirs.get("session") if isinstance(theirs, dict) else None
-        answer = {"permllm": PROTOCOL_VERSION, "role": role, "session": session if isinstance(session, str) else ""}
+        session = session if isinstance(session, str) else ""
+        answer = _hello(role, session, terms, bind)
         try:
             if their_role not in peer_roles:
+                shown = printable(their_role, 40) if isinstance(their_role, str) else their_role
                 raise HandshakeError(f"role mismatch: this party ({role!r}) accepts {sorted(peer_roles)}, "
-                                     f"but the peer says it is {their_role!r}")
-            _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer)
+                                     f"but the peer says it is {shown!r}")
+            peer_terms = _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer,
+                                      terms=terms, bind=bind, cert=transport.peer_cert)
+            if admit is not None:
+                admit(their_role, session, peer_terms)
         except HandshakeError as e:
             answer["error"] = str(e)
             await asyncio.wait_for(transport.send(packb(answer)), timeout)
@@ -368,6 +542,8 @@ async def accept_channel(
     except BaseException:
         await transport.close()
         raise
-    channel = Channel(transport, meter, link=link)
+    channel = Channel(transport, meter, link=link, timeout=link_timeout,
+                      bind=_binding(session) if bind else None, max_unread=max_unread)
+    channel.peer_terms = peer_terms
     channel.start()
     return channel, their_role, session

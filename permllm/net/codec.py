@@ -131,6 +131,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def _brief(obj: Any) -> str:
+    """A short description of a received value for an error message (array contents are never shown)."""
+    if isinstance(obj, np.ndarray):
+        return f"ndarray of {obj.dtype} with shape {obj.shape}"
+    if isinstance(obj, (list, dict)):
+        return f"{type(obj).__name__} of {len(obj)} items"
+    if isinstance(obj, (bytes, str)):
+        return f"{type(obj).__name__} of length {len(obj)}"
     text = repr(obj)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -171,13 +178,16 @@ def unpackb(data: bytes) -> Any:
     return obj
 
 
-def encode_message(tag: tuple, phase: str, stamp: int, payload: Any) -> bytes:
+def encode_message(tag: tuple, phase: str, stamp: int, payload: Any, session: bytes | None = None) -> bytes:
     """Encode one channel message (the frame body, without the length prefix).
 
-    Wire format: the msgpack array ``[tag, phase, stamp, payload]``: ``tag`` a
-    non-empty list of str/int (``tag[0]`` is the message kind), ``phase`` a str,
-    ``stamp`` the sender's hop-clock stamp (int >= 0), ``payload`` anything
-    :func:`packb` accepts. Raises TypeError/ValueError for a bad envelope.
+    Wire format: the msgpack array ``[tag, phase, stamp, payload]``, or
+    ``[tag, phase, stamp, payload, session]`` on a session-bound channel:
+    ``tag`` a non-empty list of str/int (``tag[0]`` is the message kind),
+    ``phase`` a str, ``stamp`` the sender's hop-clock stamp (int >= 0),
+    ``payload`` anything :func:`packb` accepts, ``session`` a short bin naming
+    the session (so a frame replayed from another session is refused). Raises
+    TypeError/ValueError for a bad envelope.
     """
     if not tag or not all(isinstance(t, (str, int)) and not isinstance(t, bool) for t in tag):
         raise TypeError(f"a tag must be a non-empty tuple of str/int, got {tag!r}")
@@ -185,15 +195,30 @@ def encode_message(tag: tuple, phase: str, stamp: int, payload: Any) -> bytes:
         raise TypeError(f"phase must be a str, got {phase!r}")
     if type(stamp) is not int or stamp < 0:
         raise ValueError(f"stamp must be an int >= 0, got {stamp!r}")
-    return packb([list(tag), phase, stamp, payload])
+    if session is None:
+        return packb([list(tag), phase, stamp, payload])
+    return packb([list(tag), phase, stamp, payload, session])
 
 
-def decode_message(body: bytes) -> tuple[tuple, str, int, Any]:
-    """Decode a frame body written by :func:`encode_message` into ``(tag, phase, stamp, payload)``."""
+def decode_message(body: bytes, session: bytes | None = None) -> tuple[tuple, str, int, Any]:
+    """Decode a frame body written by :func:`encode_message` into ``(tag, phase, stamp, payload)``.
+
+    With ``session``, the frame must carry exactly that session binding; without,
+    it must carry none. Anything else raises FrameError.
+    """
     msg = unpackb(body)
-    if not (isinstance(msg, list) and len(msg) == 4):
-        raise FrameError(f"bad message: expected [tag, phase, stamp, payload], got {_brief(msg)}")
-    tag, phase, stamp, payload = msg
+    n = 4 if session is None else 5
+    if not (isinstance(msg, list) and len(msg) == n):
+        if isinstance(msg, list) and {len(msg), n} == {4, 5}:
+            raise FrameError("bad message: a session-bound frame on an unbound channel" if session is None
+                             else "bad message: a frame without a session binding on a session-bound channel")
+        fields = "[tag, phase, stamp, payload]" if session is None else "[tag, phase, stamp, payload, session]"
+        raise FrameError(f"bad message: expected {fields}, got {_brief(msg)}")
+    tag, phase, stamp, payload = msg[:4]
+    if session is not None and msg[4] != session:
+        got = msg[4].hex() if isinstance(msg[4], bytes) else _brief(msg[4])
+        raise FrameError(f"frame of another session (binding {got}, this session's is {session.hex()}): "
+                         "replayed or misrouted")
     if not (
         isinstance(tag, list)
         and tag

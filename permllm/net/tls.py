@@ -23,7 +23,8 @@ from typing import Mapping
 
 from .errors import TlsError
 
-__all__ = ["ROLE_URI", "PeerCert", "server_context", "client_context", "peer_cert", "check_pin", "fingerprint"]
+__all__ = ["ROLE_URI", "PeerCert", "server_context", "client_context", "peer_cert", "check_pin", "fingerprint",
+           "tls_reason"]
 
 ROLE_URI = "urn:permllm:role:"
 
@@ -38,7 +39,7 @@ class PeerCert:
     not_after: str
 
     def __str__(self) -> str:
-        return f"certificate {self.subject!r} (roles {list(self.roles)}, {self.fingerprint[:19]}...)"
+        return f"certificate {self.subject!r} ({self.fingerprint[:19]}...)"
 
 
 def fingerprint(der: bytes) -> str:
@@ -87,6 +88,15 @@ def peer_cert(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> PeerCert | No
     roles = tuple(v[len(ROLE_URI):] for k, v in info.get("subjectAltName", ()) if k == "URI" and v.startswith(ROLE_URI))
     cn = next((v for rdn in info.get("subject", ()) for k, v in rdn if k == "commonName"), "")
     return PeerCert(roles, cn, fingerprint(der), str(info.get("notAfter", "")))
+
+
+def tls_reason(e: BaseException) -> str:
+    """The useful part of an ssl error: OpenSSL's verify message or reason (e.g. "tlsv1 alert unknown ca")."""
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return f"certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError) and e.reason:
+        return e.reason.lower().replace("_", " ")
+    return str(e) or type(e).__name__
 
 
 def check_pin(cert: PeerCert | None, role: str, pins: Mapping[str, str], peer: str) -> None:

@@ -23,7 +23,8 @@ from abc import ABC, abstractmethod
 from typing import Awaitable, Callable
 
 from .codec import DEFAULT_MAX_FRAME
-from .errors import FrameTooLarge, PeerClosed
+from .errors import FrameTooLarge, PeerClosed, TlsError
+from .tls import PeerCert, peer_cert, tls_reason
 
 __all__ = ["Transport", "MemoryTransport", "memory_pair", "TcpTransport", "tcp_connect", "tcp_serve"]
 
@@ -42,10 +43,11 @@ def _too_large(n: int, limit: int, peer: str, direction: str) -> FrameTooLarge:
 class Transport(ABC):
     """Ordered, reliable delivery of frames (one message body each) to one peer."""
 
-    __slots__ = ("peer", "max_frame")
+    __slots__ = ("peer", "max_frame", "peer_cert")
 
     peer: str       # human-readable name of the other end, used in error messages
     max_frame: int  # largest frame body, in bytes, that this end sends or accepts
+    peer_cert: PeerCert | None  # the peer's verified TLS certificate; None on an unauthenticated link
 
     @abstractmethod
     async def send(self, frame: bytes) -> None:
@@ -75,6 +77,7 @@ class MemoryTransport(Transport):
     def __init__(self, peer: str, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.peer = peer
         self.max_frame = max_frame
+        self.peer_cert = None
         self._inbox: asyncio.Queue[bytes | _Eof] = asyncio.Queue()
         self._other: MemoryTransport = self
         self._closed = False
@@ -139,6 +142,7 @@ class TcpTransport(Transport):
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.peer = peer
         self.max_frame = max_frame
+        self.peer_cert = peer_cert(writer.get_extra_info("ssl_object"))
         self._reader = reader
         self._writer = writer
         self._closed = False
@@ -227,25 +231,36 @@ async def tcp_connect(
     max_frame: int = DEFAULT_MAX_FRAME,
     retries: int = 0,
     backoff: float = 0.1,
+    max_backoff: float = 2.0,
+    timeout: float = 10.0,
 ) -> TcpTransport:
-    """Connect to ``host:port``; on ConnectionRefusedError retry up to ``retries`` times.
+    """Connect to ``host:port`` (TLS with ``ssl``); on a network error retry up to ``retries`` times.
 
-    The waits between attempts grow exponentially from ``backoff`` seconds,
-    capped at 2 s; the last ConnectionRefusedError propagates. ``peer``
-    defaults to ``"host:port"``.
+    Each attempt, TLS handshake included, has ``timeout`` seconds. The waits
+    between attempts grow exponentially from ``backoff`` seconds, capped at
+    ``max_backoff``; after the last attempt its OSError (e.g.
+    ConnectionRefusedError) propagates. A failed TLS handshake is not retried:
+    it raises TlsError with OpenSSL's reason (unknown CA, expired certificate).
+    ``peer`` defaults to ``"host:port"``.
     """
+    peer = peer or f"{host}:{port}"
     attempt = 0
     while True:
         try:
-            reader, writer = await asyncio.open_connection(host, port, ssl=ssl, limit=_STREAM_LIMIT)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=ssl, limit=_STREAM_LIMIT), timeout)
             break
-        except ConnectionRefusedError:
+        except _ssl.SSLError as e:
+            raise TlsError(f"TLS handshake with peer {peer!r} at {host}:{port} failed: {tls_reason(e)}") from e
+        except (OSError, asyncio.TimeoutError) as e:
             if attempt >= retries:
+                if isinstance(e, asyncio.TimeoutError):
+                    raise TimeoutError(f"connecting to peer {peer!r} at {host}:{port} timed out after {timeout} s") from None
                 raise
-            await asyncio.sleep(min(backoff * 2**attempt, 2.0))
+            await asyncio.sleep(min(backoff * 2**attempt, max_backoff))
             attempt += 1
     _set_nodelay(writer)
-    return TcpTransport(reader, writer, peer=peer or f"{host}:{port}", max_frame=max_frame)
+    return TcpTransport(reader, writer, peer=peer, max_frame=max_frame)
 
 
 async def tcp_serve(
@@ -256,16 +271,30 @@ async def tcp_serve(
     ssl: _ssl.SSLContext | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
     peer: str = "",
+    handshake_timeout: float = 10.0,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and await ``on_transport(t)`` for each connection.
 
-    ``peer`` names accepted connections (default: the remote address). The
-    transport stays open when ``on_transport`` returns; if it raises, the error
-    is logged and the transport closed.
+    With ``ssl`` each connection first completes a TLS handshake within
+    ``handshake_timeout`` seconds; one that fails (unknown CA, expired or missing
+    client certificate, not TLS at all) is logged with the reason and dropped
+    before ``on_transport`` sees it. ``peer`` names accepted connections
+    (default: the remote address). The transport stays open when
+    ``on_transport`` returns; if it raises, the error is logged and the
+    transport closed.
     """
 
     async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _set_nodelay(writer)
+        if ssl is not None:
+            addr = writer.get_extra_info("peername")
+            try:
+                await writer.start_tls(ssl, ssl_handshake_timeout=handshake_timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+                log.warning("rejected a connection from %s: TLS handshake failed: %s", where, tls_reason(e))
+                writer.close()
+                return
         transport = TcpTransport(reader, writer, peer=peer, max_frame=max_frame)
         try:
             await on_transport(transport)
@@ -273,4 +302,4 @@ async def tcp_serve(
             log.exception("connection handler for peer %r failed", transport.peer)
             await transport.close()
 
-    return await asyncio.start_server(accepted, host, port, ssl=ssl, limit=_STREAM_LIMIT)
+    return await asyncio.start_server(accepted, host, port, limit=_STREAM_LIMIT)
