@@ -414,11 +414,14 @@ def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: s
     return theirs
 
 
-def _closed_in_handshake(e: PeerClosed, peer: str) -> HandshakeError:
-    """A handshake cut by the peer: say so, and for a TLS alert, that the peer refused this party's certificate."""
-    cause = e.__cause__
+def _closed_in_handshake(e: PeerClosed, transport: Transport) -> HandshakeError:
+    """A handshake cut by the peer. On TLS that means it refused this party's certificate (daemons always answer)."""
+    peer, cause = transport.peer, e.__cause__
     if isinstance(cause, ssl.SSLError):
         return TlsError(f"peer {peer!r} refused this party's TLS certificate: {tls_reason(cause)}")
+    if transport.peer_cert is not None:
+        return TlsError(f"peer {peer!r} closed the connection before answering the handshake: it refused this "
+                        "party's TLS certificate (unknown CA, expired, or not valid yet; the peer's log says which)")
     return HandshakeError(f"peer {peer!r} closed the connection during the handshake ({e})")
 
 
@@ -463,7 +466,7 @@ async def open_channel(
         except FrameError as e:
             raise HandshakeError(f"malformed handshake from peer {peer!r}: {e}") from e
         except PeerClosed as e:
-            raise _closed_in_handshake(e, peer) from e
+            raise _closed_in_handshake(e, transport) from e
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
         peer_terms = _check_hello(theirs, role=role, peer_role=peer_role, session=session, peer=peer, terms=terms,
                                   bind=bind, cert=transport.peer_cert)

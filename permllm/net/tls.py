@@ -96,6 +96,8 @@ def tls_reason(e: BaseException) -> str:
         return f"certificate verify failed: {e.verify_message}"
     if isinstance(e, ssl.SSLError) and e.reason:
         return e.reason.lower().replace("_", " ")
+    if isinstance(e, (ConnectionResetError, BrokenPipeError)):
+        return "the peer closed the connection (it may not trust this party's certificate)"
     return str(e) or type(e).__name__
 
 

@@ -10,6 +10,8 @@ inputs in the clear (the PermLLM trade-off), M and H learn nothing.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from . import functions as F
@@ -46,18 +48,22 @@ async def layer_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float
                      shape: tuple[int, ...] | None = None, mag_out: float | None = None,
                      mag_share: MagVec = None) -> Share:
     """[LayerNorm(x)] without affine (γ, β fold into the next linear)."""
-    shp = tuple(shape or x.shape)  # type: ignore[union-attr]
-    return await apply_permuted(p, name, [x], lambda z: F.layer_norm(z, eps), mags_in=[mag_in],
-                                mag_out=mag_out or _norm_mag(shp), mode="rows", shape=shp, mag_share=mag_share)
+    return await _norm(p, name, x, lambda z: F.layer_norm(z, eps), mag_in, shape, mag_out, mag_share)
 
 
 async def rms_norm(p: Party, name: str, x: Share, *, mag_in: float, eps: float = 1e-6,
                    shape: tuple[int, ...] | None = None, mag_out: float | None = None,
                    mag_share: MagVec = None) -> Share:
     """[RMSNorm(x)] without the weight (it folds into the next linear)."""
+    return await _norm(p, name, x, lambda z: F.rms_norm(z, eps), mag_in, shape, mag_out, mag_share)
+
+
+async def _norm(p: Party, name: str, x: Share, f: Callable[[np.ndarray], np.ndarray], mag_in: float,
+                shape: tuple[int, ...] | None, mag_out: float | None, mag_share: MagVec) -> Share:
+    """A row normalisation under a per-row permutation."""
     shp = tuple(shape or x.shape)  # type: ignore[union-attr]
-    return await apply_permuted(p, name, [x], lambda z: F.rms_norm(z, eps), mags_in=[mag_in],
-                                mag_out=mag_out or _norm_mag(shp), mode="rows", shape=shp, mag_share=mag_share)
+    return await apply_permuted(p, name, [x], f, mags_in=[mag_in], mag_out=mag_out or _norm_mag(shp), mode="rows",
+                                shape=shp, mag_share=mag_share)
 
 
 def _norm_mag(shape: tuple[int, ...]) -> float:

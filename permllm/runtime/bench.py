@@ -41,18 +41,28 @@ def _link(rtt_ms: float, bandwidth_mbit: float | None) -> LinkEmulator | None:
     return LinkEmulator.from_spec(rtt_ms, bandwidth_mbit) if rtt_ms or bandwidth_mbit else None
 
 
-def _layer_hops(records: list, layers: int) -> float:
-    """Dependent hops per decoder layer in decode steps: max clock reached − min clock at start, per layer."""
-    spans: dict[tuple[int, int], list[int]] = {}
+def _decode(records: list) -> list:
+    """Online records of decode steps (every token but the first, the prefill)."""
     first = min((r.token for r in records), default=0)
-    for r in records:
+    return [r for r in records if r.phase == "online" and r.token != first]
+
+
+def _layer_hops(records: list) -> float:
+    """Dependent hops per decoder layer in decode: the clock a layer ends at minus the one it starts at.
+
+    A layer starts when the later of M and U has finished the previous layer (max over the
+    parties of the clocks at its first op) and ends at the max clock reached in it.
+    """
+    start: dict[tuple[int, int], dict[str, int]] = {}
+    end: dict[tuple[int, int], int] = {}
+    for r in _decode(records):
         layer, _ = op_kind(r.name)
-        if layer is None or r.phase != "online" or r.token == first:
+        if layer is None:
             continue
-        lo_hi = spans.setdefault((r.token, layer), [1 << 60, 0])
-        lo_hi[0] = min(lo_hi[0], r.hops0)
-        lo_hi[1] = max(lo_hi[1], r.hops0 + r.hops)
-    vals = [hi - lo for lo, hi in spans.values()]
+        key = (r.token, layer)
+        start.setdefault(key, {}).setdefault(r.party, r.hops0)
+        end[key] = max(end.get(key, 0), r.hops0 + r.hops)
+    vals = [end[k] - max(s.values()) for k, s in start.items()]
     return float(np.mean(vals)) if vals else 0.0
 
 
@@ -88,8 +98,8 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
         r = session.last
     recs = [x for rs in records for x in rs]
     steps = r.step_s
-    L = lm.arch.layers
-    decode_hops = (r.online_hops - 0) / max(len(steps), 1)
+    dec = _decode(recs)
+    n_dec = max(len(steps) - 1, 1)
     return {
         "target": "smollm2", "tokens": len(steps), "prompt_len": prompt_len, "rtt_ms": rtt_ms,
         "bandwidth_mbit": bandwidth_mbit, "dtype": session._user.p.config.dtype,
@@ -97,8 +107,9 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
         "online_ms_per_token": 1e3 * float(np.mean(steps[1:] or steps)),
         "plaintext_ms_per_token": 1e3 * plain_tok,
         "offline_ms_per_token": 1e3 * r.offline_s / len(steps),
-        "hops_per_layer": _layer_hops(recs, L), "hops_per_token": decode_hops,
-        "online_bytes_per_token": r.online_bytes / len(steps), "offline_bytes_per_token": r.offline_bytes / len(steps),
+        "hops_per_layer": _layer_hops(recs), "hops_per_token": r.online_hops / len(steps),
+        "online_bytes_per_token": sum(x.bytes_sent for x in dec) / n_dec,
+        "offline_bytes_per_token": r.offline_bytes / len(steps),
         "setup_bytes": r.setup_bytes, "setup_s": r.setup_s,
     }
 

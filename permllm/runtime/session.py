@@ -105,6 +105,14 @@ class _Party:
             if progress:
                 progress("setup", i + 1, len(names))
 
+    async def requests(self) -> AsyncIterator[_Gen]:
+        """U's generation requests, validated, until U closes the session (M and H)."""
+        while True:
+            req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
+            if req == "close":
+                return
+            yield self.accept(req)
+
     def accept(self, req: object) -> _Gen:
         """Validate a generation request from U (M and H)."""
         if not (isinstance(req, dict) and all(isinstance(req.get(k), int) for k in ("base", "prompt_len", "max_new"))):
@@ -148,11 +156,7 @@ class ModelSession(_Party):
 
     async def serve(self) -> None:
         """Answer generation requests until U closes the session."""
-        while True:
-            req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
-            if req == "close":
-                return
-            g = self.accept(req)
+        async for g in self.requests():
             ready = [asyncio.Event() for _ in range(g.max_new)]
             window = asyncio.Semaphore(g.ahead)
             off = asyncio.create_task(self.offline(g, ready, window))
@@ -188,11 +192,8 @@ class HelperSession(_Party):
         await self.setup_weights(None)
 
     async def serve(self) -> None:
-        while True:
-            req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
-            if req == "close":
-                return
-            g = self.accept(req)
+        """Deal the offline phase of each generation U requests, until U closes the session."""
+        async for g in self.requests():
             await self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None)
 
 

@@ -1,0 +1,249 @@
+"""Party configuration: one TOML file per party, command-line flags override it.
+
+Layer: runtime (above :mod:`permllm.net`, below the CLI). :data:`KEYS` is the one
+list of settings: the TOML loader, the CLI flags of ``permllm serve`` and
+``permllm generate`` and their ``--help`` text are all made from it, so every key
+is documented and every key has a flag. Precedence: built-in default < TOML file
+< flag. Relative paths in a file are relative to the file's directory.
+
+Example (the model party)::
+
+    listen = "0.0.0.0:7001"
+    helper = "helper.example.org:7002"
+    model = "smollm2"
+
+    [tls]
+    ca = "ca.pem"
+    cert = "model.pem"
+    key = "model.key"
+
+    [limits]
+    max_sessions = 8
+"""
+from __future__ import annotations
+
+import argparse
+import ssl
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..net.tls import client_context, server_context
+from ..protocols import ShareConfig
+
+__all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help"]
+
+MODEL, HELPER, USER = "model", "helper", "user"
+DAEMONS = frozenset({MODEL, HELPER})
+ALL = frozenset({MODEL, HELPER, USER})
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used; the message names the key and the file."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting: its TOML key (dotted for a table), type, default, flag, the parties it applies to, and help."""
+
+    name: str
+    type: type
+    default: Any
+    flag: str
+    roles: frozenset[str]
+    help: str
+    path: bool = False  # a file path (resolved against the TOML file's directory)
+
+    @property
+    def dest(self) -> str:
+        """The argparse destination of the flag."""
+        return "cfg_" + self.name.replace(".", "_")
+
+
+KEYS: tuple[Key, ...] = (
+    Key("listen", str, "127.0.0.1:0", "--listen", DAEMONS, "HOST:PORT to listen on (port 0: any free port)"),
+    Key("helper", str, None, "--helper", frozenset({MODEL, USER}), "HOST:PORT of the helper daemon"),
+    Key("model_party", str, None, "--model-party", frozenset({USER}), "HOST:PORT of the model-party daemon"),
+    Key("model", str, "smollm2", "--model", frozenset({MODEL, USER}),
+        "'smollm2' or a local Hugging Face directory (the user party loads only its tokenizer)"),
+    Key("dtype", str, "float64", "--dtype", ALL, "share dtype: float64 (mask ratio 2^12) or float32 (2^4); "
+        "all three parties must agree"),
+    Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default by dtype); all three parties must agree"),
+    Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),
+        "accept only the model with this fingerprint (the model daemon logs its own at start-up)"),
+    Key("insecure", bool, False, "--insecure", ALL,
+        "plain TCP without TLS: only on a network you trust (TLS is on by default)"),
+    Key("log_level", str, "INFO", "--log-level", DAEMONS, "DEBUG, INFO, WARNING or ERROR (logs never hold secrets)"),
+    Key("tls.ca", str, None, "--ca", ALL, "PEM file of the deployment's CA (permllm keys makes it)", path=True),
+    Key("tls.cert", str, None, "--cert", ALL, "PEM file of this party's certificate", path=True),
+    Key("tls.key", str, None, "--key", ALL, "PEM file of this party's private key", path=True),
+    Key("tls.pins", dict, {}, "--pin", ALL, "peer certificates pinned by role: a table role = \"sha256:HEX\" "
+        "(flag: --pin ROLE=sha256:HEX, repeatable)"),
+    Key("limits.max_sessions", int, 8, "--max-sessions", DAEMONS,
+        "sessions served at once; past it a new user is refused with a 'busy' error"),
+    Key("limits.message_timeout", float, 120.0, "--message-timeout", ALL,
+        "seconds a link may stay silent (nothing sent, nothing accepted) while a message is awaited; "
+        "then the session ends (this also ends idle sessions)"),
+    Key("limits.handshake_timeout", float, 10.0, "--handshake-timeout", ALL,
+        "seconds for a connection's TLS handshake and hello"),
+    Key("limits.pairing_timeout", float, 30.0, "--pairing-timeout", frozenset({HELPER}),
+        "seconds the helper waits for the second party of a session"),
+    Key("limits.connect_retries", int, 10, "--connect-retries", frozenset({MODEL, USER}),
+        "connection attempts to a peer after the first (start-up of a deployment)"),
+    Key("limits.connect_backoff", float, 0.2, "--connect-backoff", frozenset({MODEL, USER}),
+        "seconds before the first retry; doubles each time"),
+    Key("limits.max_backoff", float, 5.0, "--max-backoff", frozenset({MODEL, USER}), "cap on the wait between retries"),
+    Key("limits.max_frame", int, 256 * 1024 * 1024, "--max-frame", ALL, "largest frame accepted, bytes"),
+    Key("limits.max_unread", int, 1 << 30, "--max-unread", DAEMONS,
+        "bytes of received messages a session may hold before they are asked for"),
+    Key("limits.drain_timeout", float, 60.0, "--drain-timeout", DAEMONS,
+        "on SIGTERM: seconds running sessions get to finish before they are ended"),
+)
+_BY_NAME = {k.name: k for k in KEYS}
+
+
+@dataclass
+class PartyConfig:
+    """The settings of one party: ``cfg["limits.max_sessions"]`` (keys as in the TOML file)."""
+
+    role: str
+    values: dict[str, Any] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def share_config(self) -> ShareConfig:
+        """The share dtype and mask ratio."""
+        base = ShareConfig.for_dtype(self["dtype"])
+        return ShareConfig(self["dtype"], self["ratio"]) if self["ratio"] else base
+
+    def _tls_files(self) -> tuple[str, str, str] | None:
+        if self["insecure"]:
+            return None
+        files = (self["tls.ca"], self["tls.cert"], self["tls.key"])
+        if not all(files):
+            missing = [k for k, v in zip(("tls.ca", "tls.cert", "tls.key"), files) if not v]
+            raise ConfigError(
+                f"TLS is on by default and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set "
+                f"({self.source}): give them in the config file or as --ca/--cert/--key (permllm keys makes "
+                "them), or pass --insecure for plain TCP on a network you trust")
+        return files  # type: ignore[return-value]
+
+    def server_ssl(self) -> ssl.SSLContext | None:
+        """The mutual-TLS server context, or None with ``insecure``."""
+        files = self._tls_files()
+        return None if files is None else server_context(*files)
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The mutual-TLS client context, or None with ``insecure``."""
+        files = self._tls_files()
+        return None if files is None else client_context(*files)
+
+
+def _check(key: Key, value: Any, where: str) -> Any:
+    if key.type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if value is not None and not (isinstance(value, key.type) and not (key.type is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key.name} must be {key.type.__name__}, got {value!r}")
+    if key.name == "dtype" and value not in ("float64", "float32"):
+        raise ConfigError(f"{where}: dtype must be 'float64' or 'float32', got {value!r}")
+    if key.name == "log_level" and str(value).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"{where}: log_level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
+    if key.name == "tls.pins":
+        for role, fp in value.items():
+            if role not in ALL or not (isinstance(fp, str) and fp.lower().startswith("sha256:") and len(fp) == 71):
+                raise ConfigError(f"{where}: tls.pins must map model/helper/user to 'sha256:<64 hex digits>', "
+                                  f"got {role} = {fp!r}")
+    if key.name == "limits.connect_retries" and value < 0:
+        raise ConfigError(f"{where}: {key.name} must be 0 or more, got {value!r}")
+    elif key.name.startswith("limits.") and value <= 0:
+        raise ConfigError(f"{where}: {key.name} must be positive, got {value!r}")
+    return value
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        name = prefix + k
+        if isinstance(v, dict) and name not in _BY_NAME:
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def load_config(role: str, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PartyConfig:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` (key name → value; None = not given)."""
+    values = {k.name: k.default for k in KEYS if role in k.roles}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {source!r}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {source!r} is not valid TOML: {e}") from None
+        for name, value in _flatten(table).items():
+            key = _BY_NAME.get(name)
+            if key is None:
+                raise ConfigError(f"{source}: unknown key {name!r}; see 'permllm serve --help' for the keys")
+            if role not in key.roles:
+                raise ConfigError(f"{source}: key {name!r} does not apply to the {role} party "
+                                  f"(it is for {', '.join(sorted(key.roles))})")
+            value = _check(key, value, source)
+            if key.path and value is not None:
+                value = str((path.parent / value).resolve()) if not Path(value).is_absolute() else value
+            values[name] = value
+    for name, value in (overrides or {}).items():
+        if value is not None and name in values:
+            values[name] = _check(_BY_NAME[name], value, "command line")
+    return PartyConfig(role, values, source)
+
+
+def _pin(text: str) -> tuple[str, str]:
+    role, sep, fp = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected ROLE=sha256:HEX, got {text!r}")
+    return role, fp
+
+
+def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str]) -> None:
+    """Add the flag of every key that applies to one of ``roles`` (defaults None: 'not given')."""
+    parser.add_argument("--config", metavar="FILE", help="TOML configuration file (keys below)")
+    for k in KEYS:
+        if not (k.roles & roles):
+            continue
+        dest = k.dest
+        if k.type is bool:
+            parser.add_argument(k.flag, dest=dest, action="store_const", const=True, default=None, help=k.help)
+        elif k.type is dict:
+            parser.add_argument(k.flag, dest=dest, action="append", type=_pin, default=None, metavar="ROLE=SHA256",
+                                help=k.help)
+        else:
+            parser.add_argument(k.flag, dest=dest, type=k.type, default=None, metavar=k.type.__name__.upper(),
+                                choices=["float64", "float32"] if k.name == "dtype" else None, help=k.help)
+
+
+def from_args(role: str, args: argparse.Namespace) -> PartyConfig:
+    """The configuration of ``role`` from ``--config`` and the flags :func:`add_flags` added."""
+    overrides = {}
+    for k in KEYS:
+        v = getattr(args, k.dest, None)
+        overrides[k.name] = dict(v) if k.type is dict and v is not None else v
+    return load_config(role, getattr(args, "config", None), overrides)
+
+
+def keys_help(roles: frozenset[str]) -> str:
+    """The TOML keys that apply to ``roles``, for an ``--help`` epilog."""
+    lines = ["configuration file keys (TOML; the flag of the same name overrides the file):"]
+    for k in KEYS:
+        if k.roles & roles:
+            default = "" if k.default in (None, {}) else f" (default {k.default!r})"
+            who = "" if roles <= k.roles else f" [{', '.join(sorted(k.roles & roles))}]"
+            lines.append(f"  {k.name:<26} {k.flag:<20} {k.type.__name__}{who}{default}")
+            lines.append(f"      {k.help}")
+    return "\n".join(lines)
