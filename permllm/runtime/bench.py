@@ -188,8 +188,8 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
 def _selection_bytes(vocab: int, dtype: str) -> float:
     """Online bytes of token selection and the next embedding at this vocabulary size.
 
-    Permuted logits (vocab values), the BFV query (⌈vocab/4096⌉ ciphertexts of 131,218 B)
-    and answer (one ciphertext), and the masked one-hot of the embedding lookup (vocab values).
+    Permuted logits (vocab values of the share dtype), the BFV query (⌈vocab/4096⌉
+    ciphertexts of 131,218 B) and answer (one ciphertext), and the masked one-hot of the
+    embedding lookup (vocab int16 values).
     """
-    item = np.dtype(dtype).itemsize
-    return 2 * vocab * item + (-(-vocab // 4096) + 1) * 131_218
+    return vocab * np.dtype(dtype).itemsize + 2 * vocab + (-(-vocab // 4096) + 1) * 131_218
