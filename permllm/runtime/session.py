@@ -73,6 +73,7 @@ class _Party:
         self.next_token = 0
         self.gens = 0
         self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
+        self.progress: Progress | None = None  # progress of the setup and offline phases
 
     def ops(self, phase: str, token: int, gen: int) -> tuple[Party, PrivateOps]:
         pv = self.p.view(phase, token)
@@ -96,6 +97,8 @@ class _Party:
             await self.step("offline", g, step, None, None, Sampler())
             self.offline_s += time.perf_counter() - t0
             ready[step].set()
+            if self.progress:
+                self.progress("offline", step + 1, g.max_new)
 
     async def setup_weights(self, progress: Progress | None) -> None:
         names = weight_names(self.arch)  # type: ignore[arg-type]
@@ -218,6 +221,7 @@ class UserSession(_Party):
 
     async def setup(self, progress: Progress | None = None) -> Arch:
         p = self.p
+        self.progress = progress
         await p.establish_seeds()
         info = await p.recv(Role.MODEL, ("hello", "model"))
         self.arch, self.mags = _read_info(info, p)
