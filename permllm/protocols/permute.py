@@ -90,7 +90,9 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"))
             if not isinstance(deltas, list) or len(deltas) != len(mags):
                 raise ProtocolError(f"permute_reveal {name!r}: bad correlation from the helper")
-            p.keep(name + "/reveal", deltas)
+            # π does not depend on any value: draw it now, off the online path.
+            pi = _perm(p, name, tuple(shape), mode, valid) if shape is not None else None
+            p.keep(name + "/reveal", (deltas, pi))
             return None
         shp = tuple(xs[0].shape)
         bs = [p.mask("uh", name, f"b{i}", shp, R * m) for i, m in enumerate(mags)]
@@ -101,9 +103,10 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         p.send(Role.MODEL, p.tag("perm", name, "delta"), [pi.apply(x) - b for x, b in zip(xs, bs)])
         return None
     if p.is_model:
-        deltas = p.take(name + "/reveal")
+        deltas, pi = p.take(name + "/reveal")
         shp = tuple(xs[0].shape)
-        pi = _perm(p, name, shp, mode, valid)
+        if pi is None:
+            pi = _perm(p, name, shp, mode, valid)
         p.keep(name + "/pi", pi)
         ms = []
         for x, d in zip(xs, deltas):
