@@ -1,4 +1,5 @@
-"""The ``permllm`` command line: generate (embedded or against daemons), serve, demo."""
+"""The ``permllm`` command line: generate (embedded or against daemons), serve (party daemons), keys
+(a deployment's certificates), demo, bench."""
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,9 @@ __all__ = ["main"]
 def _config(args: argparse.Namespace) -> Any:
     from .protocols import ShareConfig
 
-    base = ShareConfig.for_dtype(args.dtype)
-    return ShareConfig(args.dtype, args.ratio) if args.ratio else base
+    route = getattr(args, "route", None) or "12"
+    base = ShareConfig.for_dtype(args.dtype, route)
+    return ShareConfig(args.dtype, args.ratio, route) if args.ratio else base
 
 
 def _link(args: argparse.Namespace) -> Any:
@@ -49,15 +51,18 @@ async def _generate(args: argparse.Namespace) -> int:
     from . import connect, local
     from .protocols.sampling import Sampler
 
+    from .runtime.config import from_args
+
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     bar = _Bar(args.json or args.quiet)
-    if bool(args.model_party) != bool(args.helper):
+    cfg = from_args("user", args)
+    if bool(cfg["model_party"]) != bool(cfg["helper"]):
         raise SystemExit("permllm generate: --model-party and --helper go together")
-    if args.model_party:
-        session = await connect(args.model_party, args.helper, model=args.model, config=_config(args),
-                                link=_link(args), progress=bar)
+    if cfg["model_party"]:
+        session = await connect(model=_tokenizer_source(cfg["model"], args.ids), settings=cfg, link=_link(args),
+                                progress=bar)
     else:
-        session = await local(args.model, transport=args.transport, config=_config(args), link=_link(args),
+        session = await local(cfg["model"], transport=args.transport, config=cfg.share_config(), link=_link(args),
                               progress=bar)
     async with session:
         prompt: Any = args.prompt
@@ -79,26 +84,47 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenizer_source(model: str, ids: bool) -> str | None:
+    """The model whose tokenizer the user loads; None when the prompt is token ids and the model has none."""
+    from pathlib import Path
+
+    from .model import DEFAULT_MODEL
+
+    files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    if ids and model != DEFAULT_MODEL and not any((Path(model) / f).exists() for f in files):
+        return None
+    return model
+
+
 async def _serve(args: argparse.Namespace) -> int:
-    from .runtime.daemon import serve_helper, serve_model
+    from .runtime.config import from_args
+    from .runtime.daemon import HelperDaemon, ModelDaemon
+
+    cfg = from_args(args.role, args)
+    logging.getLogger().setLevel(cfg["log_level"].upper())
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a daemon's log is records, not progress bars
 
     def ready(host: str, port: int) -> None:
         print(f"permllm {args.role} listening on {host}:{port}", flush=True)
 
+    daemon = await ModelDaemon.create(cfg) if args.role == "model" else HelperDaemon(cfg)
     loop = asyncio.get_running_loop()
-    if args.role == "model":
-        if not args.helper:
-            raise SystemExit("permllm serve model: --helper HOST:PORT is required")
-        task = asyncio.ensure_future(serve_model(args.listen, args.helper, args.model, config=_config(args),
-                                                 on_ready=ready))
-    else:
-        task = asyncio.ensure_future(serve_helper(args.listen, config=_config(args), on_ready=ready))
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run(ready)
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runtime.keys import make_keys
+
+    issued = make_keys(Path(args.out), tuple(args.roles), names=tuple(args.name) if args.name else None,
+                       days=args.days)
+    print(f"CA: {Path(args.out) / 'ca.pem'} (keep {Path(args.out) / 'ca.key'} offline)")
+    for i in issued:
+        print(f"{i.role:<6} {i.cert} {i.key} {i.fingerprint}")
     return 0
 
 
@@ -109,7 +135,8 @@ async def _bench(args: argparse.Namespace) -> int:
         r = await bench_smollm2(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.transport,
                                 _config(args))
     else:
-        r = await bench_chatglm_layer(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.dtype)
+        r = await bench_chatglm_layer(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.dtype,
+                                      route=_config(args).route)
     if args.json:
         print(json.dumps(r))
     else:
@@ -158,17 +185,20 @@ def _share_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                    help="share dtype (float64: mask ratio 2^12; float32: paper-like ratio 2^4)")
     p.add_argument("--ratio", type=float, default=None, help="mask ratio R (default by dtype)")
+    p.add_argument("--route", choices=["12", "8"], default="12",
+                   help="attention route in decode: 12 or 8 online hops per layer")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``permllm`` console script."""
+    from .runtime.config import add_flags, keys_help
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="permllm", description="Private LLM inference (PermLLM).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="private generation (all three parties here, or against daemons)")
     g.add_argument("prompt")
-    g.add_argument("--model", default="smollm2", help="'smollm2' or a local HF directory (llama, gpt2)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
     g.add_argument("--ids", action="store_true", help="the prompt is a list of token ids")
@@ -180,21 +210,29 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--transport", choices=["memory", "tcp"], default="memory",
                    help="links between the embedded parties")
-    g.add_argument("--model-party", metavar="HOST:PORT", help="a model-party daemon (with --helper)")
-    g.add_argument("--helper", metavar="HOST:PORT", help="a helper daemon (with --model-party)")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
     g.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
-    _share_args(g)
+    add_flags(g, frozenset({"user"}))
     g.set_defaults(fn=lambda a: asyncio.run(_generate(a)))
 
-    s = sub.add_parser("serve", help="run a party daemon")
+    daemons = frozenset({"model", "helper"})
+    s = sub.add_parser("serve", help="run a party daemon (model party or helper)", epilog=keys_help(daemons),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the model party or the helper as a network service. Links are mutual TLS "
+                                   "(certificates from 'permllm keys') unless --insecure. SIGTERM drains running "
+                                   "sessions, then exits.")
     s.add_argument("role", choices=["model", "helper"])
-    s.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
-    s.add_argument("--helper", metavar="HOST:PORT", help="(model) the helper daemon to use")
-    s.add_argument("--model", default="smollm2", help="(model) 'smollm2' or a local HF directory")
-    s.add_argument("--log-level", default="INFO")
-    _share_args(s)
+    add_flags(s, daemons)
     s.set_defaults(fn=lambda a: asyncio.run(_serve(a)))
+
+    k = sub.add_parser("keys", help="create a deployment's CA and a certificate per party")
+    k.add_argument("--out", required=True, metavar="DIR",
+                   help="directory for ca.pem/ca.key and <name>.pem/<name>.key (an existing CA there is reused)")
+    k.add_argument("--roles", nargs="+", choices=["model", "helper", "user"], default=["model", "helper", "user"])
+    k.add_argument("--name", nargs="+", help="file name (and certificate name) per role, or several names for one "
+                                            "role (e.g. --roles user --name alice bob); default: the role")
+    k.add_argument("--days", type=int, default=365, help="validity of the party certificates")
+    k.set_defaults(fn=_keys)
 
     d = sub.add_parser("demo", help="run every protocol op with all three parties and compare with plaintext")
     d.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
@@ -226,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.set_defaults(fn=lambda a: asyncio.run(_profile(a)))
 
     args = ap.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
+    logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.fn(args)

@@ -72,17 +72,24 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 def test_three_processes_over_tcp(smol, hf):
-    helper, h_addr = _start(["serve", "helper", "--listen", "127.0.0.1:0"])
-    model, m_addr = _start(["serve", "model", "--listen", "127.0.0.1:0", "--helper", h_addr])
+    helper, h_addr = _start(["serve", "helper", "--insecure", "--listen", "127.0.0.1:0"])
+    model, m_addr = _start(["serve", "model", "--insecure", "--listen", "127.0.0.1:0", "--helper", h_addr])
     try:
         out = subprocess.run([sys.executable, "-m", "permllm.cli", "generate", "--json", "--max-new-tokens", "32",
-                              "--model-party", m_addr, "--helper", h_addr, FRANCE],
+                              "--insecure", "--model-party", m_addr, "--helper", h_addr, FRANCE],
                              capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 0, out.stderr[-2000:]
         r = json.loads(out.stdout)
         assert "Paris" in r["text"]
         assert r["token_ids"] == hf_greedy(hf, chat_ids(smol.tokenizer, FRANCE), 32)
         assert r["online_bytes"] > 0 and r["offline_bytes"] > 0
+        # A second session on the same daemons: 32 tokens without an end-of-sequence token.
+        out = subprocess.run([sys.executable, "-m", "permllm.cli", "generate", "--json", "--max-new-tokens", "32",
+                              "--insecure", "--model-party", m_addr, "--helper", h_addr, STORY],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        want = hf_greedy(hf, chat_ids(smol.tokenizer, STORY), 32)
+        assert len(want) == 32 and json.loads(out.stdout)["token_ids"] == want
         assert model.poll() is None and helper.poll() is None  # the daemons keep serving
     finally:
         for p in (model, helper):

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
 from ..protocols import functions as F
+from ..protocols.attention import AttnMags, AttnSpec, attention_decode
 from .arch import Arch, ModelWeights
 from .layout import merge_heads, positions, rope, split_heads, valid_lengths
 
@@ -40,15 +41,33 @@ class StepShape:
         self.valid = valid_lengths(arch, self.T, self.past)
 
 
-def weight_names(arch: Arch) -> list[tuple[str, str]]:
-    """(name, kind) of every private weight that needs the masked-weight setup."""
+def weight_names(arch: Arch, route: str = "12") -> list[tuple[str, str]]:
+    """(name, kind) of every private weight that needs the masked-weight setup.
+
+    The 8-hop attention route also needs the qkv bias as a masked weight (U and H use it
+    for the new key's score; see :mod:`permllm.protocols.attention`).
+    """
     out = [("embed", "dense")]
     for i in range(arch.layers):
         out += [(f"L{i}.qkv", "dense"), (f"L{i}.o", "dense"), (f"L{i}.mlp_in", "dense"), (f"L{i}.mlp_out", "dense")]
+        if route == "8" and arch.qkv_bias:
+            out.append((f"L{i}.qkv.b", "bias"))
         if arch.residual == "alpha":
             out += [(f"L{i}.res_in", "diag"), (f"L{i}.res_post", "diag")]
     out.append(("final", "diag") if arch.tied_head else ("head", "dense"))
     return out
+
+
+def weight_shape(arch: Arch, name: str) -> tuple[int, ...]:
+    """The shape of the private weight ``name`` (one of :func:`weight_names`): what the user and the
+    helper expect the model party's setup to announce."""
+    base = name.split(".", 1)[1] if name.startswith("L") else name
+    gate = 2 if arch.act == "swiglu" else 1
+    shapes = {"embed": (arch.vocab, arch.hidden), "head": (arch.vocab, arch.hidden), "final": (arch.hidden,),
+              "qkv": (arch.qkv_out, arch.hidden), "qkv.b": (arch.qkv_out,),
+              "o": (arch.hidden, arch.heads * arch.head_dim), "mlp_in": (gate * arch.ffn, arch.hidden),
+              "mlp_out": (arch.hidden, arch.ffn), "res_in": (arch.hidden,), "res_post": (arch.hidden,)}
+    return shapes[base]
 
 
 class Forward:
@@ -75,17 +94,8 @@ class Forward:
     async def layer(self, ops: "PlainOps | PrivateOps", i: int, x: Value, s: StepShape) -> Value:
         a, n, T = self.arch, f"L{i}", s.T
         ops.note(f"{n}.x", x)
-        h = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden))
-        qkv = await ops.linear(f"{n}.qkv", h, f"{n}.qkv", f"{n}.n1")
-        q, k, v = ops.local_multi(lambda z: split_heads(a, z), qkv, 3)
-        q = ops.note(f"{n}.q", ops.local(lambda z: rope(a, z, s.pos, s.block), q))
-        k = ops.note(f"{n}.k", ops.local(lambda z: rope(a, z, s.pos, s.block), k))
-        v = ops.note(f"{n}.v", v)
-        keys = s.past + T
-        sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
-        pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
-                               (a.kv_heads, a.group, T, keys))
-        att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
+        attend = getattr(ops, "attention", None)  # a backend may fuse norm1 … P·V (8-hop route)
+        h, att = await (attend(i, x, s) if attend is not None else attention_block(ops, a, i, x, s))
         o_in = ops.note(f"{n}.attm", ops.local(lambda z: merge_heads(a, z), att))
         o = await ops.linear(f"{n}.o", o_in, f"{n}.o", f"{n}.attm")
         if a.residual == "alpha":
@@ -100,6 +110,26 @@ class Forward:
         if a.residual == "alpha":
             return ops.add(await ops.linear(f"{n}.res_post", h2, f"{n}.res_post", f"{n}.n2", kind="diag"), y)
         return ops.add(x, y)
+
+
+async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Value, s: StepShape) -> tuple[Value, Value]:
+    """norm1 → qkv → heads/RoPE → q·Kᵀ → softmax → P·V as separate ops (the 12-hop route).
+
+    Returns the norm output (used by ChatGLM's residual) and the attention output (kv, g, T, d).
+    """
+    n, T = f"L{i}", s.T
+    h = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden))
+    qkv = await ops.linear(f"{n}.qkv", h, f"{n}.qkv", f"{n}.n1")
+    q, k, v = ops.local_multi(lambda z: split_heads(a, z), qkv, 3)
+    q = ops.note(f"{n}.q", ops.local(lambda z: rope(a, z, s.pos, s.block), q))
+    k = ops.note(f"{n}.k", ops.local(lambda z: rope(a, z, s.pos, s.block), k))
+    v = ops.note(f"{n}.v", v)
+    keys = s.past + T
+    sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
+    pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
+                           (a.kv_heads, a.group, T, keys))
+    att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
+    return h, att
 
 
 def _norm_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
@@ -181,6 +211,17 @@ class PlainOps:
             self.note(name + ".g", u[..., :f])
             self.note(name + ".u", u[..., f:])
         return self.note(name, self._act(u))
+
+    async def attention(self, i: int, x: np.ndarray, s: StepShape) -> tuple[np.ndarray, np.ndarray]:
+        """The plain composition (as the 12-hop route), also recording the 8-hop route's magnitudes."""
+        a, n = self.arch, f"L{i}"
+        h, att = await attention_block(self, a, i, x, s)
+        W = self.w[f"{n}.qkv"]
+        b = self.w.get(f"{n}.qkv.b")
+        q_raw = split_heads(a, h @ W.T + (0.0 if b is None else b))[0]
+        w_k = np.swapaxes(split_heads(a, W.T)[1], -1, -2)   # (kv, 1, d, hidden)
+        self.note(f"{n}.w", q_raw @ w_k)                     # q̂·W_k: sizes the 8-hop w-linear's mask
+        return h, att
 
 
 async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
@@ -278,6 +319,30 @@ class PrivateOps:
     @_traced
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
+
+    async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value]:
+        """norm1 … P·V: the fused 8-hop op in decode when the session's route is "8", else the 12-hop ops.
+
+        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches.
+        """
+        a, n = self.arch, f"L{i}"
+        if self.p.config.route != "8" or s.T != 1:
+            return await attention_block(self, a, i, x, s)
+        one = np.array([1])  # a generic position: which columns RoPE mixes (public)
+        mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one)) > 0
+        spec = AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm=a.norm, eps=a.norm_eps,
+                        scale=1.0 / math.sqrt(a.head_dim), split=lambda z: split_heads(a, z),
+                        rope=lambda z: rope(a, z, s.pos, s.block), mix=mix)
+        m = AttnMags(x=self._mag(f"{n}.x"), h=self._mag(f"{n}.n1"), h_col=self._col(f"{n}.n1"),
+                     h_l2=self._mag(f"{n}.n1|l2"), qkv_col=self._col(f"{n}.qkv"), q=self._mag(f"{n}.q"),
+                     q_l2=self._mag(f"{n}.q|l2"), k=self._mag(f"{n}.k"), k_l2=self._mag(f"{n}.k|cols|l2"),
+                     v=self._mag(f"{n}.v"), v_l2=self._mag(f"{n}.v|cols|l2"), w=self._mag(f"{n}.w"),
+                     w_l2=self._mag(f"{n}.w|l2"), att_col=self._col(f"{n}.att"), q_col=self._col(f"{n}.q"),
+                     k_col=self._col(f"{n}.k"), v_col=self._col(f"{n}.v"))
+        async with self.p.traced(f"{n}.att8"):
+            return await attention_decode(self.p, f"{n}.att8", x, spec=spec, mags=m, weight=f"{n}.qkv",
+                                          cache_k=f"{self.prefix}{n}.K", cache_v=f"{self.prefix}{n}.V",
+                                          bias_weight=f"{n}.qkv.b" if a.qkv_bias else None, valid=s.valid)
 
     @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:

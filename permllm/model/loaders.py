@@ -125,12 +125,24 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
     path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
     if not path.is_dir():
         raise ModelFileError(f"model {name_or_path!r}: no such directory (use 'smollm2' or an HF directory)")
-    from transformers import AutoTokenizer
-
     try:
+        if _tokenizers_only(path):  # the same tokenizer without AutoTokenizer's import of torch (~250 MB)
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types for missing tokenizer files
         raise ModelFileError(f"model {name_or_path!r}: no usable tokenizer: {e}") from None
+
+
+def _tokenizers_only(path: Path) -> bool:
+    """Whether the directory's tokenizer is a plain ``tokenizer.json`` (the tokenizers-library backend)."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "tokenizer.json").exists() and cfg.get("tokenizer_class") in ("TokenizersBackend",
+                                                                                 "PreTrainedTokenizerFast")
 
 
 def _np(t: Any) -> np.ndarray:

@@ -19,6 +19,7 @@ session with a reason the peer sees (:meth:`Channel.abort`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections import deque
@@ -46,8 +47,7 @@ _Item = tuple[str, int, Any, int]  # (phase, stamp, payload, frame bytes) of a r
 
 def printable(text: str, limit: int = 500) -> str:
     """``text`` cut to ``limit`` characters with control characters replaced: safe to log when a peer wrote it."""
-    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
-    return text
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _for_tag(err: NetError, tag: Tag) -> NetError:
@@ -287,7 +287,8 @@ class Channel:
                 except FrameError as e:
                     raise FrameError(f"malformed frame from peer {self.name!r}: {e}") from e
                 if phase not in PHASES:
-                    raise FrameError(f"message {tag!r} from peer {self.name!r} has unknown phase {printable(phase, 40)!r}")
+                    raise FrameError(f"malformed frame from peer {self.name!r}: message {tag!r} has unknown phase "
+                                     f"{printable(phase, 40)!r}")
                 if tag == (ABORT,):
                     why = printable(payload) if isinstance(payload, str) else "(no reason given)"
                     raise PeerAborted(f"peer {self.name!r} ended the session: {why}")
@@ -308,13 +309,35 @@ class Channel:
                             f"peer {self.name!r} sent {self._unread} bytes of messages this party has not asked "
                             f"for yet (limit {self._max_unread}); the last one was {tag!r}"
                         )
+        except FrameError as e:
+            self._fail(e)
+            await self._tell(str(e))
         except NetError as e:
             self._fail(e)
+        except asyncio.CancelledError:  # cancelled from outside (not by close): release every waiter
+            self._fail(PeerClosed(f"channel to peer {self.name!r} was shut down"))
+            raise
         except Exception as e:  # a bug below us must not leave recvs hanging
             err = NetError(f"reading from peer {self.name!r} failed: {e!r}")
             err.__cause__ = e
             self._fail(err)
         await transport.close()
+
+    async def _tell(self, reason: str) -> None:
+        """After refusing the peer's frame: send it the reason as an abort frame (best effort, 1 s)."""
+        writer = self._tasks[1]
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), 1.0)  # a frame being written goes out whole first
+            frame = encode_message((ABORT,), "setup", 0, printable(reason), self._bind)
+            await asyncio.wait_for(self._transport.send(frame), 1.0)
+        except (NetError, asyncio.TimeoutError):
+            pass
+
+    def _stalled(self) -> None:
+        """The peer accepted no data for the link timeout: fail the channel and drop the connection."""
+        assert self._loop is not None
+        self._fail(PeerTimeout(f"peer {self.name!r} accepted no data for {self._timeout:g} s"))
+        self._loop.create_task(self._transport.close())
 
     async def _write_loop(self) -> None:
         transport, q = self._transport, self._outq
@@ -333,11 +356,12 @@ class Channel:
                         await asyncio.sleep(delay)
                 if self._timeout is None:
                     await transport.send(frame)
-                else:
+                else:  # a timer, not wait_for: wait_for (3.11) can swallow this task's cancellation
+                    stall = loop.call_later(self._timeout, self._stalled)
                     try:
-                        await asyncio.wait_for(transport.send(frame), self._timeout)
-                    except asyncio.TimeoutError:
-                        raise PeerTimeout(f"peer {self.name!r} accepted no data for {self._timeout:g} s") from None
+                        await transport.send(frame)
+                    finally:
+                        stall.cancel()
                 self._active = loop.time()
                 self._pending -= 1
                 if not self._pending and self._flushers:
@@ -347,11 +371,15 @@ class Channel:
                     self._flushers.clear()
         except NetError as e:
             self._fail(e)
+        except asyncio.CancelledError:  # cancelled from outside (not by close): release flush() waiters
+            self._fail(PeerClosed(f"channel to peer {self.name!r} was shut down"))
+            raise
         except Exception as e:
             err = NetError(f"writing to peer {self.name!r} failed: {e!r}")
             err.__cause__ = e
             self._fail(err)
-        await transport.close()
+        if not isinstance(self._error, FrameError):  # after a bad frame the reader closes, once it told the peer why
+            await transport.close()
 
 
 Terms = Mapping[str, Any]  # what a party states in its hello (str/int/float/bool values), compared key by key
@@ -458,9 +486,9 @@ async def open_channel(
     peer = transport.peer
     try:
         hello = packb(_hello(role, session, terms, bind))
-        await asyncio.wait_for(transport.send(hello), timeout)
-        meter.on_send("setup", "handshake", len(hello) + _PREFIX_BYTES)
         try:
+            await asyncio.wait_for(transport.send(hello), timeout)
+            meter.on_send("setup", "handshake", len(hello) + _PREFIX_BYTES)
             body = await asyncio.wait_for(transport.recv(), timeout)
             theirs = unpackb(body)
         except FrameError as e:
@@ -513,28 +541,30 @@ async def accept_channel(
     """
     peer = transport.peer
     try:
-        try:
-            body = await asyncio.wait_for(transport.recv(), timeout)
-            theirs = unpackb(body)
-        except FrameError as e:
-            raise HandshakeError(f"malformed handshake from peer {peer!r}: {e}") from e
+        body = await asyncio.wait_for(transport.recv(), timeout)
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
-        their_role = theirs.get("role") if isinstance(theirs, dict) else None
-        session = theirs.get("session") if isinstance(theirs, dict) else None
-        session = session if isinstance(session, str) else ""
-        answer = _hello(role, session, terms, bind)
+        answer = _hello(role, "", terms, bind)
         try:
+            try:
+                theirs = unpackb(body)
+            except FrameError as e:
+                raise HandshakeError(f"malformed handshake from peer {peer!r}: {e}") from e
+            their_role = theirs.get("role") if isinstance(theirs, dict) else None
+            session = theirs.get("session") if isinstance(theirs, dict) else None
+            session = session if isinstance(session, str) else ""
+            answer = _hello(role, session, terms, bind)
             if their_role not in peer_roles:
-                shown = printable(their_role, 40) if isinstance(their_role, str) else their_role
+                shown = repr(printable(their_role, 40)) if isinstance(their_role, str) else type(their_role).__name__
                 raise HandshakeError(f"role mismatch: this party ({role!r}) accepts {sorted(peer_roles)}, "
-                                     f"but the peer says it is {shown!r}")
+                                     f"but the peer says it is {shown}")
             peer_terms = _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer,
                                       terms=terms, bind=bind, cert=transport.peer_cert)
             if admit is not None:
                 admit(their_role, session, peer_terms)
         except HandshakeError as e:
             answer["error"] = str(e)
-            await asyncio.wait_for(transport.send(packb(answer)), timeout)
+            with contextlib.suppress(NetError, asyncio.TimeoutError):  # best effort: the peer may be gone
+                await asyncio.wait_for(transport.send(packb(answer)), timeout)
             raise
         hello = packb(answer)
         await asyncio.wait_for(transport.send(hello), timeout)

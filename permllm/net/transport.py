@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl as _ssl
 import struct
@@ -239,7 +240,8 @@ async def tcp_connect(
     Each attempt, TLS handshake included, has ``timeout`` seconds. The waits
     between attempts grow exponentially from ``backoff`` seconds, capped at
     ``max_backoff``; after the last attempt its OSError (e.g.
-    ConnectionRefusedError) propagates. A failed TLS handshake is not retried:
+    ConnectionRefusedError) propagates, its message naming the peer, the address
+    and the number of attempts. A failed TLS handshake is not retried:
     it raises TlsError with OpenSSL's reason (unknown CA, expired certificate).
     ``peer`` defaults to ``"host:port"``.
     """
@@ -254,8 +256,13 @@ async def tcp_connect(
             raise TlsError(f"TLS handshake with peer {peer!r} at {host}:{port} failed: {tls_reason(e)}") from e
         except (OSError, asyncio.TimeoutError) as e:
             if attempt >= retries:
+                tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
                 if isinstance(e, asyncio.TimeoutError):
-                    raise TimeoutError(f"connecting to peer {peer!r} at {host}:{port} timed out after {timeout} s") from None
+                    raise TimeoutError(f"cannot connect to peer {peer!r} at {host}:{port} ({tries}): "
+                                       f"timed out after {timeout} s") from None
+                if e.errno:
+                    raise type(e)(e.errno, f"cannot connect to peer {peer!r} at {host}:{port} ({tries}): "
+                                           f"{os.strerror(e.errno)}") from e
                 raise
             await asyncio.sleep(min(backoff * 2**attempt, max_backoff))
             attempt += 1

@@ -8,14 +8,18 @@ Layer: above :mod:`permllm.net` (it sends tagged messages on Channels), below
   masked weights (:func:`setup_weight`) and the user's BFV keys (:func:`setup_bfv`).
 * ``offline`` — the helper (the dealer) derives every correlation from the s_MH and
   s_UH streams and sends it to the model party; the user sends its offline linear
-  messages. Nothing here depends on the prompt or on M's shares.
+  messages. Nothing here depends on the prompt or on M's shares. In the light mode
+  (``ShareConfig.offline == "he"``) the linear layers' correlations come from CKKS
+  products between U and M instead (:mod:`.he_matmul`, keys by :func:`setup_ckks`).
 * ``online`` — M and U only. Linear layers are local; each non-linear costs one
   round trip; a shared×shared product two hops.
 
 Each op's docstring says what each party learns.
 """
 from .config import DEFAULT_RATIO, FLOAT32_RATIO, ShareConfig
+from .attention import AttnMags, AttnSpec, attention_decode
 from .embedding import embed
+from .he_matmul import setup_ckks
 from .linear import linear, reshare, setup_weight
 from .matmul import matmul_shared
 from .nonlinear import gelu, layer_norm, rms_norm, silu, softmax, swiglu
@@ -27,9 +31,9 @@ from .select import retrieve, select_token, setup_bfv
 
 __all__ = [
     "DEFAULT_RATIO", "FLOAT32_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
-    "setup_weight", "linear", "reshare", "matmul_shared", "embed",
+    "setup_weight", "linear", "reshare", "matmul_shared", "embed", "AttnSpec", "AttnMags", "attention_decode",
     "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
     "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",
     "stream", "uniform_mask",
-    "Sampler", "choose", "make_rng", "setup_bfv", "retrieve", "select_token",
+    "Sampler", "choose", "make_rng", "setup_bfv", "retrieve", "select_token", "setup_ckks",
 ]

@@ -12,6 +12,11 @@ derivable by H (the *U-share invariant*):
 When U's share is not H-derivable (a one-hot token it chose, the output of a
 shared product), :func:`reshare` first swaps it for a derivable one: one online
 message U → M.
+
+In the light mode (``config.offline == "he"``) no D = W − U_W leaves M: the setup sends
+only each weight's public shape and scale, and the offline x_U·W − r comes from a CKKS
+product between U and M (:mod:`permllm.protocols.he_matmul`); H only derives r. The
+online phase is the same.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import he_matmul
 from .party import Party, ProtocolError, Role
 
 __all__ = ["setup_weight", "linear", "reshare", "WeightKind"]
@@ -51,14 +57,16 @@ def _uw_chunk(p: Party, name: str, shape: tuple[int, ...], scale: float, i: int,
     return p.view("setup", -1).mask("mh", name, f"UW{i}", (n, *shape[1:]), p.ratio * scale)
 
 
-async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) -> None:
-    """Setup phase for one private weight (M passes it; U and H pass nothing).
+async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
+                       shape: tuple[int, ...] | None = None) -> None:
+    """Setup phase for one private weight (M passes it; U and H pass nothing, or the ``shape`` they expect).
 
     Learns: U gets D = W − U_W, W hidden by a uniform mask of width R·max|W|
     (plus the public scalars shape and max|W|); H gets shape and max|W| only;
-    M learns nothing.
+    M learns nothing. In the light mode U, like H, gets only shape and max|W|.
     """
     kind = "setup"
+    light = p.config.offline == "he"
     if p.is_model:
         if weight is None:
             raise ValueError("the model party must pass the weight")
@@ -67,7 +75,7 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) ->
         if not math.isfinite(scale):
             raise ValueError(f"weight {name!r} contains inf or nan")
         rows = _chunk_rows(W.shape)
-        chunks = max(1, -(-W.shape[0] // rows))
+        chunks = 0 if light else max(1, -(-W.shape[0] // rows))
         meta = {"shape": list(W.shape), "scale": scale, "chunks": chunks}
         p.send(Role.HELPER, (kind, name, "meta"), meta)
         p.send(Role.USER, (kind, name, "meta"), meta)
@@ -77,11 +85,13 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) ->
             await p.channels[Role.USER].flush()  # bound memory: one chunk in flight
         p.weights[name] = _Weight(W.shape, scale, W, chunks)
         return
-    meta = await p.recv(Role.MODEL, (kind, name, "meta"))
-    if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and isinstance(meta.get("scale"), float)):
-        raise ProtocolError(f"bad setup metadata for weight {name!r}")
-    shape = tuple(int(s) for s in meta["shape"])
-    w = _Weight(shape, meta["scale"], None, int(meta["chunks"]))
+    shape, scale, chunks = _check_meta(await p.recv(Role.MODEL, (kind, name, "meta")), name, light, shape)
+    w = _Weight(shape, scale, None, chunks)
+    if light:
+        if w.chunks:
+            raise ProtocolError(f"setup of weight {name!r}: the model party sends masked weights in the light mode")
+        p.weights[name] = w
+        return
     if p.is_helper:
         p.weights[name] = w
         await p.compute(_helper_uw, p, name, work=int(np.prod(shape)) * 4)
@@ -97,6 +107,24 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None) ->
             D[lo:lo + len(part)] = part
         w.value = D
     p.weights[name] = w
+
+
+def _check_meta(meta: object, name: str, light: bool,
+                expect: tuple[int, ...] | None) -> tuple[tuple[int, ...], float, int]:
+    """The model party's setup metadata of one weight: (shape, scale, chunks), else ProtocolError."""
+    if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and meta["shape"]
+            and all(type(n) is int and n > 0 for n in meta["shape"])
+            and isinstance(meta.get("scale"), float) and math.isfinite(meta["scale"]) and meta["scale"] >= 0
+            and type(meta.get("chunks")) is int):
+        raise ProtocolError(f"bad setup metadata for weight {name!r}")
+    shape = tuple(meta["shape"])
+    if expect is not None and shape != tuple(expect):
+        raise ProtocolError(f"setup metadata of weight {name!r}: shape {shape}, expected {tuple(expect)}")
+    want = max(1, -(-shape[0] // _chunk_rows(shape)))
+    if not light and meta["chunks"] != want:
+        raise ProtocolError(f"setup metadata of weight {name!r}: {meta['chunks']} chunks for shape {shape}, "
+                            f"expected {want}")
+    return shape, meta["scale"], meta["chunks"]
 
 
 def _helper_uw(p: Party, name: str) -> np.ndarray:
@@ -138,7 +166,8 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
 
     Learns: M receives x_U·D + t (hidden by t of width R·|D·x|) and
     x_U·U_W − t − r; their sum x_U·W − r stays hidden by r (width R·mag_out).
-    U and H learn nothing new. U's output share is r (H-derivable).
+    U and H learn nothing new. U's output share is r (H-derivable). In the light
+    mode the offline messages are those of :mod:`~permllm.protocols.he_matmul` instead.
     """
     if not derivable:
         x = await reshare(p, name + ".in", x, mag=mag_in, shape=in_shape)
@@ -146,10 +175,13 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
     if w is None:
         raise ProtocolError(f"weight {weight!r} was not set up")
     R = p.ratio
+    light = p.config.offline == "he"
+    if p.phase == "offline" and light:
+        return await _light_offline(p, name, x, w, weight, kind=kind, mag_in=mag_in, mag_out=mag_out)
     if p.phase == "offline":
-        if p.is_model:
-            a = await p.recv_array(Role.USER, p.tag("linear", name, "u"))
-            b = await p.recv_array(Role.HELPER, p.tag("linear", name, "h"), a.shape)
+        if p.is_model:  # H's shape is the reference: a bad shape from U is then blamed on U
+            b = await p.recv_array(Role.HELPER, p.tag("linear", name, "h"))
+            a = await p.recv_array(Role.USER, p.tag("linear", name, "u"), b.shape)
             p.keep(name, a + b)
             return None
         assert x is not None
@@ -177,14 +209,57 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
     if p.phase != "online" or p.is_helper:
         raise ProtocolError(f"linear {name!r}: the {p.role.value} party has no {p.phase} branch")
     if p.is_user:
-        return p.take(name)
+        return he_matmul.user_share(p, name, *_light_dims(x, w, kind), mag_out) if light else p.take(name)
     assert x is not None
     corr = p.take(name)
     z = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(_n_in(kind, w.shape), 1))
+    if corr.shape != z.shape:
+        raise ProtocolError(f"linear {name!r}: offline correlation of shape {corr.shape}, product {z.shape}")
     z += corr
     if bias is not None:
         z += bias
     return z
+
+
+def _product_shape(kind: WeightKind, shape: tuple[int, ...]) -> tuple[int, int]:
+    """(n_out, n_in) of the product z = x·W for a weight of ``kind`` and ``shape``."""
+    if kind == "dense":
+        return shape[0], shape[1]
+    if kind == "transposed":
+        return shape[1], shape[0]
+    if kind == "diag":
+        return shape[0], shape[0]
+    raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def _light_dims(x: np.ndarray | None, w: _Weight, kind: WeightKind) -> tuple[int, int]:
+    """(rows, n_out) of U's share in the light mode (inputs are rows × n_in)."""
+    n_out, n_in = _product_shape(kind, w.shape)
+    if x is None or x.ndim != 2 or x.shape[1] != n_in:
+        raise ProtocolError(f"light-mode linear: expected rows × {n_in} inputs, got "
+                            f"{None if x is None else x.shape}")
+    return x.shape[0], n_out
+
+
+async def _light_offline(p: Party, name: str, x: np.ndarray | None, w: _Weight, weight: str, *,
+                         kind: WeightKind, mag_in: float, mag_out: float | np.ndarray) -> np.ndarray | None:
+    """Offline branch of the light mode: U and M run a CKKS product; H only derives U's new share.
+
+    Learns: see :mod:`permllm.protocols.he_matmul` (M: ciphertexts under U's key, then
+    x_U·W − r hidden by r; U: values uniform modulo q, nothing of W; H: nothing, it
+    receives no message).
+    """
+    shape = _product_shape(kind, w.shape)
+    common = dict(weight=weight, shape=shape, diag=kind == "diag", ratio_mag_in=(p.ratio, mag_in),
+                  w_scale=w.scale, mag_out=mag_out)
+    if p.is_model:
+        W = w.value.T if kind == "transposed" else w.value
+        await he_matmul.offline_product(p, name, None, W, **common)
+        return None
+    rows, n_out = _light_dims(x, w, kind)
+    if p.is_user:
+        await he_matmul.offline_product(p, name, np.asarray(x, dtype=p.dtype), None, **common)
+    return he_matmul.user_share(p, name, rows, n_out, mag_out)
 
 
 async def reshare(p: Party, name: str, x: np.ndarray | None, *, mag: float,

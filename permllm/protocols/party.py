@@ -103,7 +103,8 @@ class Party:
     async def establish_seeds(self) -> None:
         """Setup: M draws s_MH and U draws s_UH, each sending it to H only.
 
-        M never learns s_UH and U never learns s_MH; H learns both (it is the dealer).
+        M never learns s_UH and U never learns s_MH; H learns both (it is the dealer) and
+        draws s_H, a seed of its own that it never sends.
         """
         if self.is_model:
             self._seeds["mh"] = secrets.token_bytes(32)
@@ -118,6 +119,8 @@ class Party:
                 if not isinstance(s, bytes) or len(s) != 32:
                     raise ProtocolError(f"seed {which} must be 32 bytes")
                 self._seeds[which] = s
+            # s_H: the helper's own seed, never sent (masks only H knows, e.g. r_w of the 8-hop attention).
+            self._seeds["h"] = secrets.token_bytes(32)
 
     def gen(self, which: str, name: str, *purpose: str | int) -> np.random.Generator:
         """PRG stream keyed by (seed, op name, current token, purpose)."""

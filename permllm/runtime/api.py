@@ -3,7 +3,8 @@
 * :func:`local` — the embedded default: model, user and helper parties in this
   process, over in-memory pairs or loopback TCP.
 * :func:`connect` — the user side only, talking to a model-party daemon and a
-  helper daemon (``permllm serve``) over TCP.
+  helper daemon (``permllm serve``) over mutual TLS (or plain TCP when its
+  settings say ``insecure``).
 
 Both return a :class:`Session`; ``async for piece in session.generate(prompt)``
 streams text as tokens are chosen, and ``session.last`` holds the stats of the
@@ -12,6 +13,7 @@ last generation (:class:`GenerationResult`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -19,9 +21,12 @@ from typing import Any, AsyncIterator, Callable
 
 from ..model import DEFAULT_MODEL, LoadedModel, load_model
 from ..model.loaders import load_tokenizer
-from ..net import LinkEmulator, Meter, open_channel, tcp_connect
-from ..protocols import Party, Role, ShareConfig
+from ..net import Channel, HandshakeError, LinkEmulator, Meter, NetError, open_channel, tcp_connect
+from ..net.tls import check_pin
+from ..protocols import Party, ProtocolError, Role, ShareConfig
 from ..protocols.sampling import Sampler
+from .config import PartyConfig, load_config
+from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
 from .session import HelperSession, ModelSession, UserSession
 
@@ -156,11 +161,18 @@ def _totals(m: Meter) -> tuple[int, int, int]:
 
 async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "memory",
                 config: ShareConfig | None = None, link: LinkEmulator | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> Session:
-    """All three parties in this process (the embedded default); returns a ready :class:`Session`."""
+                progress: Callable[[str, int, int], None] | None = None, offline: str | None = None) -> Session:
+    """All three parties in this process (the embedded default); returns a ready :class:`Session`.
+
+    ``offline="he"`` selects the light client (no masked weights at the user; CKKS products in
+    the offline phase), overriding ``config.offline``.
+    """
     lm = model if isinstance(model, LoadedModel) else await asyncio.to_thread(load_model, model)
     t0 = time.perf_counter()
-    trio: Trio = await local_trio(transport, config or ShareConfig(), link=link, seeds=False)
+    config = config or ShareConfig()
+    if offline is not None:
+        config = dataclasses.replace(config, offline=offline)
+    trio: Trio = await local_trio(transport, config, link=link, seeds=False)
     ms, us, hs = ModelSession(trio.model, lm.weights), UserSession(trio.user), HelperSession(trio.helper)
     try:
         await gather_fail_fast([ms.setup(), us.setup(progress), hs.setup()])
@@ -192,26 +204,53 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def connect(model_party: str, helper: str, *, model: str = DEFAULT_MODEL, config: ShareConfig | None = None,
-                  link: LinkEmulator | None = None, retries: int = 20,
-                  progress: Callable[[str, int, int], None] | None = None) -> Session:
+async def connect(model_party: str | None = None, helper: str | None = None, *, model: str | None = DEFAULT_MODEL,
+                  config: ShareConfig | None = None, settings: PartyConfig | None = None,
+                  link: LinkEmulator | None = None,
+                  progress: Callable[[str, int, int], None] | None = None, offline: str | None = None) -> Session:
     """The user side of a session with a model daemon and a helper daemon (``HOST:PORT`` each).
 
-    ``model`` names the tokenizer to use (the user never loads the weights).
+    ``settings`` is the user party's configuration (:func:`~permllm.runtime.config.load_config`
+    with role "user": TLS files, pins, limits, an expected model fingerprint, and the
+    addresses when ``model_party``/``helper`` are not given). Links are mutual TLS
+    unless it says ``insecure``; the default settings have no certificates, so pass
+    them. ``model`` names the tokenizer to use (the user never loads the weights;
+    None: no tokenizer, token ids only). ``config`` overrides the settings' dtype and
+    ratio. After the setup the user checks that what it received has the fingerprint
+    the model party stated in the handshake. ``offline="he"`` asks for the light client
+    (the daemons must serve it: ``--offline he``).
     """
-    tokenizer = await asyncio.to_thread(load_tokenizer, model)
+    settings = settings or load_config("user")
+    config = config or settings.share_config()
+    if offline is not None:
+        config = dataclasses.replace(config, offline=offline)
+    addrs = {Role.MODEL: model_party or settings["model_party"], Role.HELPER: helper or settings["helper"]}
+    for role, addr in addrs.items():
+        if not addr:
+            raise ValueError(f"the user party needs the {role.value} daemon's address (HOST:PORT)")
+    ssl = settings.client_ssl()
+    tokenizer = None if model is None else await asyncio.to_thread(load_tokenizer, model)
     t0 = time.perf_counter()
-    session_id = secrets.token_hex(8)
+    session_id = secrets.token_hex(16)
     meter = Meter()
-    chans = {}
-    for role, addr in ((Role.MODEL, model_party), (Role.HELPER, helper)):
-        host, port = parse_addr(addr)
-        t = await tcp_connect(host, port, peer=role.value, retries=retries)
-        chans[role] = await open_channel(t, meter, role="user", peer_role=role.value, session=session_id, link=link)
-    p = Party(Role.USER, chans, config or ShareConfig(), meter)
-    us = UserSession(p)
+    terms = share_terms(config)
+    if settings["model_fingerprint"]:
+        terms["model"] = settings["model_fingerprint"]
+    chans: dict[Role, Channel] = {}
     try:
+        for role in (Role.MODEL, Role.HELPER):  # the model party first: it states the fingerprint
+            chans[role] = await _open_user_link(role, addrs[role], session_id, terms, meter, settings, ssl, link)
+            if role is Role.MODEL:
+                stated = chans[role].peer_terms.get("model")
+                if not isinstance(stated, str):
+                    raise HandshakeError("the model party stated no model fingerprint in its handshake")
+                terms["model"] = stated
+        p = Party(Role.USER, chans, config, meter)
+        us = UserSession(p)
         await us.setup(progress)
+        got = received_fingerprint(p, us.arch, us.mags)  # type: ignore[arg-type]
+        if got != terms["model"]:
+            raise ProtocolError(f"the model party stated model {terms['model']!r} but set up {got!r}")
     except BaseException:
         for ch in chans.values():
             await ch.close()
@@ -222,3 +261,25 @@ async def connect(model_party: str, helper: str, *, model: str = DEFAULT_MODEL, 
             await ch.close()
 
     return Session(us, tokenizer, [meter], [close], time.perf_counter() - t0)
+
+
+async def _open_user_link(role: Role, addr: str, session: str, terms: dict[str, Any], meter: Meter,
+                          settings: PartyConfig, ssl: Any, link: LinkEmulator | None) -> Channel:
+    """Connect (with retries) and handshake with one daemon; check its pinned certificate."""
+    host, port = parse_addr(addr)
+    lim = {k: settings[f"limits.{k}"] for k in ("connect_retries", "connect_backoff", "max_backoff",
+                                                "handshake_timeout", "message_timeout", "max_frame")}
+    try:
+        t = await tcp_connect(host, port, peer=role.value, ssl=ssl, max_frame=lim["max_frame"],
+                              retries=lim["connect_retries"], backoff=lim["connect_backoff"],
+                              max_backoff=lim["max_backoff"], timeout=lim["handshake_timeout"])
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the {role.value} party: {e.strerror or e}") from e
+    ch = await open_channel(t, meter, role="user", peer_role=role.value, session=session, terms=terms, bind=True,
+                            link=link, timeout=lim["handshake_timeout"], link_timeout=lim["message_timeout"])
+    try:
+        check_pin(ch.peer_cert, role.value, settings["tls.pins"], role.value)
+    except NetError:
+        await ch.close()
+        raise
+    return ch

@@ -53,16 +53,24 @@ def _layer_hops(records: list) -> float:
     A layer starts when the later of M and U has finished the previous layer (max over the
     parties of the clocks at its first op) and ends at the max clock reached in it.
     """
+    return _span_hops(records, by_layer=True)
+
+
+def _span_hops(records: list, by_layer: bool) -> float:
+    """Mean dependent hops of a decode step (or of a layer in one): clock reached minus clock at start."""
     start: dict[tuple[int, int], dict[str, int]] = {}
     end: dict[tuple[int, int], int] = {}
     for r in _decode(records):
         layer, _ = op_kind(r.name)
-        if layer is None:
+        if by_layer and layer is None:
             continue
-        key = (r.token, layer)
+        key = (r.token, layer if by_layer else -1)
         start.setdefault(key, {}).setdefault(r.party, r.hops0)
         end[key] = max(end.get(key, 0), r.hops0 + r.hops)
-    vals = [end[k] - max(s.values()) for k, s in start.items()]
+    # A layer starts once both parties finished the previous one (max); a token's chain starts
+    # at the earlier party (min), so the answer hop that ends the previous token is not counted twice.
+    first = max if by_layer else min
+    vals = [end[k] - first(s.values()) for k, s in start.items()]
     return float(np.mean(vals)) if vals else 0.0
 
 
@@ -107,7 +115,7 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
         "online_ms_per_token": 1e3 * float(np.mean(steps[1:] or steps)),
         "plaintext_ms_per_token": 1e3 * plain_tok,
         "offline_ms_per_token": 1e3 * r.offline_s / len(steps),
-        "hops_per_layer": _layer_hops(recs), "hops_per_token": r.online_hops / len(steps),
+        "hops_per_layer": _layer_hops(recs), "hops_per_token": _span_hops(recs, by_layer=False),
         "online_bytes_per_token": sum(x.bytes_sent for x in dec) / n_dec,
         "offline_bytes_per_token": r.offline_bytes / len(steps),
         "setup_bytes": r.setup_bytes, "setup_s": r.setup_s,
@@ -116,8 +124,11 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
 
 async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: float = 0.0,
                               bandwidth_mbit: float | None = None, dtype: str = "float64",
-                              seed: int = 0) -> dict[str, Any]:
-    """One full-size ChatGLM-6B layer: prefill ``prompt_len`` rows, then ``tokens`` decode steps."""
+                              seed: int = 0, route: str = "12") -> dict[str, Any]:
+    """One full-size ChatGLM-6B layer: prefill ``prompt_len`` rows, then ``tokens`` decode steps.
+
+    ``route`` picks the decode attention route ("12" or "8", see protocols/attention.py).
+    """
     import torch
 
     from ..model import Forward, PlainOps, PrivateOps, StepShape, from_chatglm
@@ -139,10 +150,11 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
         await fwd.layer(plain, 0, x.astype(dtype), sh)
         plain_s.append(time.perf_counter() - t0)
     mags = {k: (np.maximum(2 * np.asarray(v), 1e-3) if np.ndim(v) else max(2 * v, 1e-3)) for k, v in plain.mags.items()}
-    config = ShareConfig.for_dtype(dtype)
+    config = ShareConfig.for_dtype(dtype, route)
     trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
     async with trio:
         names = [f"L0.{n}" for n in ("qkv", "o", "mlp_in", "mlp_out")] + ["L0.res_in", "L0.res_post"]
+        names += ["L0.qkv.b"] if route == "8" else []  # the 8-hop route's masked qkv bias
         for n in names:
             await run_setup(trio, lambda p, n=n: setup_weight(p, n, w[n] if p.is_model else None))
         setup_bytes = sum(p.meter.total("setup").bytes_sent for p in trio.parties)
@@ -171,7 +183,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
     layer_online = float(np.mean(online_s[dec]))
     per_token_bytes = 28 * float(np.mean(on_bytes[dec])) + _selection_bytes(full.vocab_size, dtype)
     return {
-        "target": "chatglm6b-layer", "tokens": tokens, "prompt_len": prompt_len, "rtt_ms": rtt_ms,
+        "target": "chatglm6b-layer", "route": route, "tokens": tokens, "prompt_len": prompt_len, "rtt_ms": rtt_ms,
         "bandwidth_mbit": bandwidth_mbit, "dtype": dtype,
         "online_ms_per_token": 1e3 * layer_online, "plaintext_ms_per_token": 1e3 * float(np.mean(plain_s[dec])),
         "offline_ms_per_token": 1e3 * float(np.mean(offline_s[dec])),

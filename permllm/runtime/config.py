@@ -23,6 +23,7 @@ Example (the model party)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any, Mapping
 
 from ..net.tls import client_context, server_context
 from ..protocols import ShareConfig
+from ..protocols.config import OFFLINE_MODES, ROUTES
 
 __all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help"]
 
@@ -54,6 +56,7 @@ class Key:
     roles: frozenset[str]
     help: str
     path: bool = False  # a file path (resolved against the TOML file's directory)
+    metavar: str = ""
 
     @property
     def dest(self) -> str:
@@ -62,22 +65,32 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("listen", str, "127.0.0.1:0", "--listen", DAEMONS, "HOST:PORT to listen on (port 0: any free port)"),
-    Key("helper", str, None, "--helper", frozenset({MODEL, USER}), "HOST:PORT of the helper daemon"),
-    Key("model_party", str, None, "--model-party", frozenset({USER}), "HOST:PORT of the model-party daemon"),
+    Key("listen", str, "127.0.0.1:0", "--listen", DAEMONS, "HOST:PORT to listen on (port 0: any free port)",
+        metavar="HOST:PORT"),
+    Key("helper", str, None, "--helper", frozenset({MODEL, USER}), "HOST:PORT of the helper daemon",
+        metavar="HOST:PORT"),
+    Key("model_party", str, None, "--model-party", frozenset({USER}), "HOST:PORT of the model-party daemon",
+        metavar="HOST:PORT"),
     Key("model", str, "smollm2", "--model", frozenset({MODEL, USER}),
-        "'smollm2' or a local Hugging Face directory (the user party loads only its tokenizer)"),
+        "'smollm2' or a local Hugging Face directory (the user party loads only its tokenizer)", metavar="MODEL"),
     Key("dtype", str, "float64", "--dtype", ALL, "share dtype: float64 (mask ratio 2^12) or float32 (2^4); "
-        "all three parties must agree"),
+        "all three parties must agree", metavar="DTYPE"),
     Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default by dtype); all three parties must agree"),
+    Key("route", str, "12", "--route", ALL, f"attention route in decode, one of {', '.join(ROUTES)} (online hops "
+        "per layer); all three parties must agree", metavar="ROUTE"),
+    Key("offline", str, "dealer", "--offline", ALL, f"offline phase of the linear layers, one of "
+        f"{', '.join(OFFLINE_MODES)}: 'he' is the light client (CKKS products with the model party, no "
+        "model-sized state at the user); all three parties must agree", metavar="MODE"),
     Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),
-        "accept only the model with this fingerprint (the model daemon logs its own at start-up)"),
+        "accept only the model with this fingerprint (the model daemon logs its own at start-up)", metavar="HEX"),
     Key("insecure", bool, False, "--insecure", ALL,
         "plain TCP without TLS: only on a network you trust (TLS is on by default)"),
-    Key("log_level", str, "INFO", "--log-level", DAEMONS, "DEBUG, INFO, WARNING or ERROR (logs never hold secrets)"),
-    Key("tls.ca", str, None, "--ca", ALL, "PEM file of the deployment's CA (permllm keys makes it)", path=True),
-    Key("tls.cert", str, None, "--cert", ALL, "PEM file of this party's certificate", path=True),
-    Key("tls.key", str, None, "--key", ALL, "PEM file of this party's private key", path=True),
+    Key("log_level", str, "INFO", "--log-level", DAEMONS, "DEBUG, INFO, WARNING or ERROR (logs never hold secrets)",
+        metavar="LEVEL"),
+    Key("tls.ca", str, None, "--ca", ALL, "PEM file of the deployment's CA (permllm keys makes it)", path=True,
+        metavar="FILE"),
+    Key("tls.cert", str, None, "--cert", ALL, "PEM file of this party's certificate", path=True, metavar="FILE"),
+    Key("tls.key", str, None, "--key", ALL, "PEM file of this party's private key", path=True, metavar="FILE"),
     Key("tls.pins", dict, {}, "--pin", ALL, "peer certificates pinned by role: a table role = \"sha256:HEX\" "
         "(flag: --pin ROLE=sha256:HEX, repeatable)"),
     Key("limits.max_sessions", int, 8, "--max-sessions", DAEMONS,
@@ -96,7 +109,8 @@ KEYS: tuple[Key, ...] = (
     Key("limits.max_backoff", float, 5.0, "--max-backoff", frozenset({MODEL, USER}), "cap on the wait between retries"),
     Key("limits.max_frame", int, 256 * 1024 * 1024, "--max-frame", ALL, "largest frame accepted, bytes"),
     Key("limits.max_unread", int, 1 << 30, "--max-unread", DAEMONS,
-        "bytes of received messages a session may hold before they are asked for"),
+        "bytes of received messages a session may hold from a user (or, at the helper, from any peer) "
+        "before they are asked for"),
     Key("limits.drain_timeout", float, 60.0, "--drain-timeout", DAEMONS,
         "on SIGTERM: seconds running sessions get to finish before they are ended"),
 )
@@ -115,9 +129,10 @@ class PartyConfig:
         return self.values[key]
 
     def share_config(self) -> ShareConfig:
-        """The share dtype and mask ratio."""
-        base = ShareConfig.for_dtype(self["dtype"])
-        return ShareConfig(self["dtype"], self["ratio"]) if self["ratio"] else base
+        """The share configuration: dtype, mask ratio, attention route and offline mode."""
+        base = ShareConfig.for_dtype(self["dtype"], self["route"])
+        cfg = ShareConfig(self["dtype"], self["ratio"], self["route"]) if self["ratio"] else base
+        return dataclasses.replace(cfg, offline=self["offline"])
 
     def _tls_files(self) -> tuple[str, str, str] | None:
         if self["insecure"]:
@@ -149,6 +164,10 @@ def _check(key: Key, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key.name} must be {key.type.__name__}, got {value!r}")
     if key.name == "dtype" and value not in ("float64", "float32"):
         raise ConfigError(f"{where}: dtype must be 'float64' or 'float32', got {value!r}")
+    if key.name == "route" and value not in ROUTES:
+        raise ConfigError(f"{where}: route must be one of {', '.join(ROUTES)}, got {value!r}")
+    if key.name == "offline" and value not in OFFLINE_MODES:
+        raise ConfigError(f"{where}: offline must be one of {', '.join(OFFLINE_MODES)}, got {value!r}")
     if key.name == "log_level" and str(value).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
     if key.name == "tls.pins":
@@ -156,10 +175,9 @@ def _check(key: Key, value: Any, where: str) -> Any:
             if role not in ALL or not (isinstance(fp, str) and fp.lower().startswith("sha256:") and len(fp) == 71):
                 raise ConfigError(f"{where}: tls.pins must map model/helper/user to 'sha256:<64 hex digits>', "
                                   f"got {role} = {fp!r}")
-    if key.name == "limits.connect_retries" and value < 0:
-        raise ConfigError(f"{where}: {key.name} must be 0 or more, got {value!r}")
-    elif key.name.startswith("limits.") and value <= 0:
-        raise ConfigError(f"{where}: {key.name} must be positive, got {value!r}")
+    retries = key.name == "limits.connect_retries"
+    if key.name.startswith("limits.") and (value < 0 if retries else value <= 0):
+        raise ConfigError(f"{where}: {key.name} must be {'0 or more' if retries else 'positive'}, got {value!r}")
     return value
 
 
@@ -199,8 +217,13 @@ def load_config(role: str, path: str | Path | None = None, overrides: Mapping[st
                 value = str((path.parent / value).resolve()) if not Path(value).is_absolute() else value
             values[name] = value
     for name, value in (overrides or {}).items():
-        if value is not None and name in values:
-            values[name] = _check(_BY_NAME[name], value, "command line")
+        if value is None:
+            continue
+        key = _BY_NAME[name]
+        if role not in key.roles:
+            raise ConfigError(f"{key.flag} does not apply to the {role} party "
+                              f"(it is for {', '.join(sorted(key.roles))})")
+        values[name] = _check(key, value, "command line")
     return PartyConfig(role, values, source)
 
 
@@ -224,8 +247,11 @@ def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str]) -> None:
             parser.add_argument(k.flag, dest=dest, action="append", type=_pin, default=None, metavar="ROLE=SHA256",
                                 help=k.help)
         else:
-            parser.add_argument(k.flag, dest=dest, type=k.type, default=None, metavar=k.type.__name__.upper(),
-                                choices=["float64", "float32"] if k.name == "dtype" else None, help=k.help)
+            parser.add_argument(k.flag, dest=dest, type=k.type, default=None,
+                                metavar=k.metavar or k.type.__name__.upper(),
+                                choices={"dtype": ["float64", "float32"], "route": list(ROUTES),
+                                         "offline": list(OFFLINE_MODES)}.get(k.name),
+                                help=k.help)
 
 
 def from_args(role: str, args: argparse.Namespace) -> PartyConfig:

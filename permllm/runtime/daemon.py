@@ -45,7 +45,7 @@ from ..protocols import Party, ProtocolError, Role
 from .api import parse_addr
 from .config import PartyConfig
 from .identity import received_fingerprint, share_terms, weights_fingerprint
-from .session import HelperSession, ModelSession
+from .session import ContextTooLong, HelperSession, ModelSession
 
 __all__ = ["ModelDaemon", "HelperDaemon", "SESSION_ID", "PROBE"]
 
@@ -64,7 +64,7 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-_EXPECTED = (NetError, ProtocolError, asyncio.TimeoutError, ValueError, OSError)
+_EXPECTED = (NetError, ProtocolError, asyncio.TimeoutError, ConnectionError, ContextTooLong)
 
 
 async def _supervise(work: Awaitable[None], chans: list[Channel]) -> None:
@@ -75,8 +75,7 @@ async def _supervise(work: Awaitable[None], chans: list[Channel]) -> None:
     try:
         done, _ = await asyncio.wait([task, *watchers], return_when=asyncio.FIRST_COMPLETED)
         if task not in done:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), GRACE)
+            await asyncio.wait({task}, timeout=GRACE)
             if not task.done():
                 raise next(w.result() for w in watchers if w.done())
         task.result()
@@ -106,8 +105,12 @@ class _Daemon:
         self._hurry = asyncio.Event()
 
     # -- admission ----------------------------------------------------------------------
-    def _check_peer(self, role: str, cert: PeerCert | None, peer: str) -> None:
-        check_pin(cert, role, self.pins, peer)
+    def _check_peer(self, role: str, cert: PeerCert | None, terms: Mapping[str, Any], required: set[str]) -> None:
+        """The peer's pinned certificate, and every term it must state (an absent one is no agreement)."""
+        check_pin(cert, role, self.pins, role)
+        missing = sorted(required - terms.keys())
+        if missing:
+            raise HandshakeError(f"the {role} party's hello does not state {', '.join(missing)}")
 
     def _check_new_session(self, sid: str) -> None:
         if not SESSION_ID.fullmatch(sid):
@@ -123,22 +126,28 @@ class _Daemon:
                                  f"{self.cfg['limits.max_sessions']} sessions; try again later")
 
     def _release(self, sid: str) -> None:
-        if self.slots.pop(sid, ...) is not ...:
+        """Free a session's slot and remember its id (a later hello with it is a replay)."""
+        if sid in self.slots:
+            del self.slots[sid]
             self.used[sid] = None
             while len(self.used) > REMEMBERED:
                 self.used.popitem(last=False)
 
-    def _link_kw(self) -> dict[str, Any]:
+    def _link_kw(self, bounded: bool = True) -> dict[str, Any]:
+        """Channel settings; ``bounded``: cap what the peer may send ahead (not on the model's link to the
+        helper, which deals a whole generation's correlations ahead of the model's offline phase)."""
         return {"timeout": self.cfg["limits.handshake_timeout"], "bind": True,
-                "link_timeout": self.cfg["limits.message_timeout"], "max_unread": self.cfg["limits.max_unread"]}
+                "link_timeout": self.cfg["limits.message_timeout"],
+                "max_unread": self.cfg["limits.max_unread"] if bounded else None}
 
-    async def _accept(self, t: Transport, peer_roles: set[str], admit: Callable[[str, str, PeerCert | None], None],
-                      terms: Mapping[str, Any]) -> tuple[Channel, str, str] | None:
+    async def _accept(self, t: Transport, meter: Meter, peer_roles: set[str],
+                      admit: Callable[[str, str, Mapping[str, Any], PeerCert | None], None],
+                      ) -> tuple[Channel, str, str] | None:
         """The handshake of an incoming connection; None (logged) if it was refused."""
         try:
             return await accept_channel(
-                t, Meter(), role=self.role, peer_roles=peer_roles, terms=terms,
-                admit=lambda role, sid, _terms: admit(role, sid, t.peer_cert), **self._link_kw())
+                t, meter, role=self.role, terms=self.terms, peer_roles=peer_roles,
+                admit=lambda role, sid, terms: admit(role, sid, terms, t.peer_cert), **self._link_kw())
         except (NetError, asyncio.TimeoutError) as e:
             log.warning("refused a connection from %s: %s", t.peer, e)
             return None
@@ -203,18 +212,16 @@ class _Daemon:
     async def _drain(self) -> None:
         self.draining = True
         running = [t for t in self.slots.values() if t is not None and not t.done()]
-        limit = self.cfg["limits.drain_timeout"]
-        if running:
+        if running and not self._hurry.is_set():
+            limit = self.cfg["limits.drain_timeout"]
             log.info("draining: %d sessions running, waiting up to %g s for them to finish", len(running), limit)
             hurry = asyncio.ensure_future(self._hurry.wait())
-            await asyncio.wait([*running, hurry], timeout=limit, return_when=asyncio.ALL_COMPLETED
-                               if False else asyncio.FIRST_EXCEPTION) if False else None
             deadline = time.monotonic() + limit
-            while any(not t.done() for t in running) and not self._hurry.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while not self._hurry.is_set() and time.monotonic() < deadline:
+                alive = [t for t in running if not t.done()]
+                if not alive:
                     break
-                await asyncio.wait([*(t for t in running if not t.done()), hurry], timeout=left,
+                await asyncio.wait([*alive, hurry], timeout=deadline - time.monotonic(),
                                    return_when=asyncio.FIRST_COMPLETED)
             hurry.cancel()
         for t in running:
@@ -246,8 +253,8 @@ class ModelDaemon(_Daemon):
         config = cfg.share_config()
         fp = await asyncio.to_thread(weights_fingerprint, lm.weights, config, mags)
         a = lm.arch
-        log.info("model %s: %s, %d layers, hidden %d, vocab %d; shares %s at ratio %g; fingerprint %s",
-                 lm.source, a.family, a.layers, a.hidden, a.vocab, config.dtype, config.ratio, fp)
+        log.info("model %s: %s, %d layers, hidden %d, vocab %d; shares %s at ratio %g, route %s; fingerprint %s",
+                 lm.source, a.family, a.layers, a.hidden, a.vocab, config.dtype, config.ratio, config.route, fp)
         return cls(cfg, lm, mags, fp)
 
     async def _connect_helper(self, sid: str, meter: Meter) -> Channel:
@@ -258,9 +265,9 @@ class ModelDaemon(_Daemon):
                                   retries=c["limits.connect_retries"], backoff=c["limits.connect_backoff"],
                                   max_backoff=c["limits.max_backoff"], timeout=c["limits.handshake_timeout"])
         except OSError as e:
-            raise ConnectionError(f"cannot reach the helper at {host}:{port}: {e.strerror or e}") from e
+            raise ConnectionError(f"cannot reach the helper: {e.strerror or e}") from e
         ch = await open_channel(t, meter, role="model", peer_role="helper", session=sid, terms=self.terms,
-                                **self._link_kw())
+                                **self._link_kw(bounded=False))
         try:
             check_pin(ch.peer_cert, "helper", self.pins, "helper")
         except NetError:
@@ -275,19 +282,20 @@ class ModelDaemon(_Daemon):
         await ch.close()
         await super().run(on_ready)
 
-    def _admit(self, role: str, sid: str, cert: PeerCert | None) -> None:
-        self._check_peer(role, cert, "user")
+    def _admit(self, role: str, sid: str, terms: Mapping[str, Any], cert: PeerCert | None) -> None:
+        self._check_peer(role, cert, terms, set(share_terms(self.config)))
         self._check_new_session(sid)
         self.slots[sid] = None
 
     async def _on_connection(self, t: Transport) -> None:
         admitted: list[str] = []
 
-        def admit(role: str, sid: str, cert: PeerCert | None) -> None:
-            self._admit(role, sid, cert)
+        def admit(role: str, sid: str, terms: Mapping[str, Any], cert: PeerCert | None) -> None:
+            self._admit(role, sid, terms, cert)
             admitted.append(sid)
 
-        got = await self._accept(t, {"user"}, admit, self.terms)
+        meter = Meter()
+        got = await self._accept(t, meter, {"user"}, admit)
         if got is None:
             for sid in admitted:
                 self.slots.pop(sid, None)
@@ -299,9 +307,8 @@ class ModelDaemon(_Daemon):
         chans = [ch_u]
 
         async def work() -> None:
-            meter = ch_u._meter
             ch_h = await self._connect_helper(sid, meter)
-            chans.append(ch_h)
+            chans.append(ch_h)  # for the abort; the outer supervision watches the user's link, this one the helper's
             ms = ModelSession(Party(Role.MODEL, {Role.USER: ch_u, Role.HELPER: ch_h}, self.config, meter),
                               self.model.weights, self.mags)
             await _supervise(_model_program(ms), [ch_h])
@@ -334,8 +341,8 @@ class HelperDaemon(_Daemon):
             self.terms["model"] = cfg["model_fingerprint"]
         self.pairing: dict[str, _Pairing] = {}
 
-    def _admit(self, role: str, sid: str, cert: PeerCert | None) -> None:
-        self._check_peer(role, cert, role)
+    def _admit(self, role: str, sid: str, terms: Mapping[str, Any], cert: PeerCert | None) -> None:
+        self._check_peer(role, cert, terms, {*share_terms(self.config), "model"})
         if sid == PROBE and role == "model":
             return
         p = self.pairing.get(sid)
@@ -358,11 +365,12 @@ class HelperDaemon(_Daemon):
     async def _on_connection(self, t: Transport) -> None:
         claims: list[tuple[str, str]] = []
 
-        def admit(role: str, sid: str, cert: PeerCert | None) -> None:
-            self._admit(role, sid, cert)
+        def admit(role: str, sid: str, terms: Mapping[str, Any], cert: PeerCert | None) -> None:
+            self._admit(role, sid, terms, cert)
             claims.append((sid, role))
 
-        got = await self._accept(t, {"model", "user"}, admit, self.terms)
+        meter = Meter()
+        got = await self._accept(t, meter, {"model", "user"}, admit)
         if got is None:
             for sid, role in claims:
                 self._unclaim(sid, role)
@@ -372,7 +380,12 @@ class HelperDaemon(_Daemon):
             log.info("model party at %s checked in", t.peer)
             await ch.close()
             return
-        p = self.pairing[sid]
+        p = self.pairing.get(sid)
+        if p is None:  # the first party's wait ran out while this one was shaking hands
+            log.warning("session %s: dropped: the %s party connected after the pairing timeout (%d active)", sid,
+                        role, len(self.slots))
+            await self._abort([ch], f"the helper dropped session {sid}: the pairing timed out")
+            return
         p.chans[role] = ch
         other = "user" if role == "model" else "model"
         if other not in p.chans:
@@ -384,7 +397,7 @@ class HelperDaemon(_Daemon):
         self.slots[sid] = asyncio.current_task()
         chans = [p.chans["model"], p.chans["user"]]
         log.info("session %s: model and user connected (%d active)", sid, len(self.slots))
-        await self._session(sid, chans, self._helper_program(sid, p.chans, ch._meter))
+        await self._session(sid, chans, self._helper_program(sid, p.chans, meter))
 
     async def _await_pair(self, sid: str, p: _Pairing, ch: Channel, role: str, other: str) -> None:
         limit = self.cfg["limits.pairing_timeout"]

@@ -119,10 +119,16 @@ def issue(out: Path, ca_cert: Path, ca_key: Path, role: str, *, name: str | None
 
 def make_keys(out: Path, roles: tuple[str, ...] = ROLES, *, names: tuple[str, ...] | None = None,
               days: int = 365) -> list[Issued]:
-    """``permllm keys``: the CA in ``out`` (made if ``ca.key`` is not there yet) and a certificate per role."""
+    """``permllm keys``: the CA in ``out`` (made if ``ca.key`` is not there yet) and a certificate per role.
+
+    ``names`` name the files (default: the roles); with one role and several names, each
+    name gets a certificate for that role (e.g. several users).
+    """
     if not (out / "ca.key").exists():
         make_ca(out)
     names = names or roles
+    if len(roles) == 1:
+        roles = roles * len(names)
     if len(names) != len(roles):
-        raise ValueError("give one name per role")
+        raise ValueError("give one name per role, or one role for all the names")
     return [issue(out, out / "ca.pem", out / "ca.key", r, name=n, days=days) for r, n in zip(roles, names)]

@@ -8,7 +8,12 @@ branch of the protocol ops. The life of a session:
 2. per generation request from U (``prompt_len``, ``max_new_tokens``: public):
    * **offline** — every party runs the forward's offline branch for upcoming
      tokens, ahead of the online phase (a window of :data:`OFFLINE_AHEAD` tokens);
-     the helper runs only this phase.
+     the helper runs only this phase. In the light mode (``offline="he"``: no masked
+     weights at U, CKKS products instead) U and M run the steps in batches — the
+     prefill with the first decode steps (:data:`LIGHT_FIRST` steps), then runs of up
+     to :data:`LIGHT_BATCH` steps — each batch's linear ops in one exchange per op, and
+     a batch starts once the online phase has used the previous one (U's memory holds
+     one batch).
    * **online** — M and U run each step: embedding, layers, final norm, head, and
      private token selection; U learns the token and tells M whether to go on.
 
@@ -25,14 +30,18 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names
+from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
 from ..protocols import Party, ProtocolError, Role, setup_weight
+from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
 from ..protocols.select import select_token, setup_bfv
 
-__all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD"]
+__all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "LIGHT_FIRST",
+           "LIGHT_BATCH"]
 
 OFFLINE_AHEAD = 4  # tokens the offline phase may run ahead of the online phase
+LIGHT_FIRST = 8    # light mode: steps in the first offline batch (the prefill and the first decode steps)
+LIGHT_BATCH = 32   # light mode: steps per later batch (the fixed costs of its HE products are paid once per batch)
 Progress = Callable[[str, int, int], None]
 
 
@@ -90,6 +99,8 @@ class _Party:
                                       vocab=self.arch.vocab)  # type: ignore[union-attr]
 
     async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
+        if self.p.config.offline == "he" and not self.p.is_helper:
+            return await self.offline_light(g, ready, window)
         for step in range(g.max_new):
             if window is not None:
                 await window.acquire()
@@ -100,11 +111,47 @@ class _Party:
             if self.progress:
                 self.progress("offline", step + 1, g.max_new)
 
+    async def offline_light(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
+        """U and M in the light mode: the offline phase in batches of steps, one HE exchange per op and batch.
+
+        The first batch is the prefill with the first decode steps (:data:`LIGHT_FIRST` in
+        all), the later ones ``g.ahead`` steps each (U's request sets the window to the
+        largest batch); a later batch waits until the online phase has used the previous
+        one (it takes the whole window), so U holds one batch. A request with the whole
+        generation ahead (``offline_first``) is one batch.
+        """
+        steps = list(range(g.max_new))
+        whole = g.ahead >= g.max_new
+        first = g.max_new if whole else min(LIGHT_FIRST, g.max_new)
+        batches = [steps[:first]] + [steps[i:i + g.ahead] for i in range(first, g.max_new, g.ahead)]
+        for i, batch in enumerate(batches):
+            if window is not None:
+                need = g.ahead if i else len(batch)
+                for _ in range(need):
+                    await window.acquire()
+                for _ in range(need - len(batch)):
+                    window.release()
+            t0 = time.perf_counter()
+            he_matmul.open_batch(self.p, [g.base + s for s in batch])
+            try:
+                for step in batch:
+                    await self.step("offline", g, step, None, None, Sampler())
+                await he_matmul.close_batch(self.p)
+            finally:
+                he_matmul.abort_batch(self.p)
+            self.offline_s += time.perf_counter() - t0
+            for step in batch:
+                ready[step].set()
+                if self.progress:
+                    self.progress("offline", step + 1, g.max_new)
+
     async def setup_weights(self, progress: Progress | None) -> None:
-        names = weight_names(self.arch)  # type: ignore[arg-type]
+        names = weight_names(self.arch, self.p.config.route)  # type: ignore[arg-type]
         for i, (name, _) in enumerate(names):
-            w = self.weights[name] if self.p.is_model else None  # type: ignore[index]
-            await setup_weight(self.p, name, w)
+            if self.p.is_model:
+                await setup_weight(self.p, name, self.weights[name])  # type: ignore[index]
+            else:
+                await setup_weight(self.p, name, shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
             if progress:
                 progress("setup", i + 1, len(names))
 
@@ -112,17 +159,21 @@ class _Party:
         """U's generation requests, validated, until U closes the session (M and H)."""
         while True:
             req = await self.p.recv(Role.USER, ("ctl", self.gens, "req"))
-            if req == "close":
+            if isinstance(req, str) and req == "close":
                 return
             yield self.accept(req)
 
     def accept(self, req: object) -> _Gen:
         """Validate a generation request from U (M and H)."""
         if not (isinstance(req, dict) and all(isinstance(req.get(k), int) for k in ("base", "prompt_len", "max_new"))):
-            raise ProtocolError(f"malformed generation request: {req!r}")
+            raise ProtocolError(f"malformed generation request (a {type(req).__name__}): expected a map of "
+                                "base, prompt_len and max_new integers")
         if req["base"] != self.next_token:
             raise ProtocolError(f"generation request starts at token {req['base']}, expected {self.next_token}")
-        check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
+        try:
+            check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ProtocolError(f"generation request refused: {e}") from e
         ahead = req.get("ahead", OFFLINE_AHEAD)
         if not isinstance(ahead, int) or not 1 <= ahead <= req["max_new"] + OFFLINE_AHEAD:
             raise ProtocolError(f"generation request: bad offline window {ahead!r}")
@@ -130,6 +181,13 @@ class _Party:
         self.gens += 1
         self.next_token += g.max_new
         return g
+
+
+def _light_ahead(max_new: int) -> int:
+    """The light mode's window: the largest batch (the first one, or up to LIGHT_BATCH later steps)."""
+    if max_new <= LIGHT_FIRST:
+        return max_new
+    return max(LIGHT_FIRST, min(LIGHT_BATCH, max_new - LIGHT_FIRST))
 
 
 async def _cancel(task: asyncio.Task) -> None:
@@ -151,10 +209,12 @@ class ModelSession(_Party):
         await p.establish_seeds()
         if not self.mags:
             self.mags = await calibrate(self.weights)
-        info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": [p.config.dtype, p.config.ratio]}
+        info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": _config_terms(p)}
         p.send(Role.USER, ("hello", "model"), info)
         p.send(Role.HELPER, ("hello", "model"), info)
         await self.setup_weights(progress)
+        if p.config.offline == "he":
+            await he_matmul.setup_ckks(p)
         await setup_bfv(p)
 
     async def serve(self) -> None:
@@ -169,7 +229,10 @@ class ModelSession(_Party):
                     await self.step("online", g, step, None, None, Sampler())
                     window.release()
                     go = await self.p.view("online", g.base + step).recv(Role.USER, ("ctl", g.index, step))
-                    if go is not True:
+                    if not isinstance(go, bool):
+                        raise ProtocolError(f"malformed step control {('ctl', g.index, step)} from the user: "
+                                            f"expected true or false, got {type(go).__name__}")
+                    if not go:
                         break
             finally:
                 await _cancel(off)
@@ -200,13 +263,18 @@ class HelperSession(_Party):
             await self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None)
 
 
+def _config_terms(p: Party) -> list:
+    """What all three parties must agree on: share dtype, mask ratio, attention route and offline mode."""
+    return [p.config.dtype, p.config.ratio, p.config.route, p.config.offline]
+
+
 def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float | np.ndarray]]:
     if not (isinstance(info, dict) and isinstance(info.get("arch"), dict) and isinstance(info.get("mags"), dict)):
         raise ProtocolError("malformed model description from the model party")
     cfg = info.get("config")
-    if cfg != [p.config.dtype, p.config.ratio]:
+    if cfg != _config_terms(p):
         raise ProtocolError(f"share configuration mismatch: model party uses {cfg}, "
-                            f"this party {[p.config.dtype, p.config.ratio]}")
+                            f"this party {_config_terms(p)} (dtype, ratio, attention route, offline mode)")
     mags: dict[str, float | np.ndarray] = {}
     for k, v in info["mags"].items():
         a = np.asarray(v, dtype=np.float64)
@@ -226,6 +294,8 @@ class UserSession(_Party):
         info = await p.recv(Role.MODEL, ("hello", "model"))
         self.arch, self.mags = _read_info(info, p)
         await self.setup_weights(progress)
+        if p.config.offline == "he":
+            await he_matmul.setup_ckks(p)
         await setup_bfv(p)
         return self.arch
 
@@ -243,7 +313,8 @@ class UserSession(_Party):
         check_context(arch, len(prompt_ids), max_new_tokens)
         if any(not 0 <= int(t) < arch.vocab for t in prompt_ids):
             raise ValueError(f"prompt token id out of range [0, {arch.vocab})")
-        ahead = max_new_tokens if offline_first else OFFLINE_AHEAD
+        ahead = max_new_tokens if offline_first else (
+            _light_ahead(max_new_tokens) if p.config.offline == "he" else OFFLINE_AHEAD)
         req = {"base": self.next_token, "prompt_len": len(prompt_ids), "max_new": max_new_tokens, "ahead": ahead}
         p.send(Role.MODEL, ("ctl", self.gens, "req"), req)
         p.send(Role.HELPER, ("ctl", self.gens, "req"), req)

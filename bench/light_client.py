@@ -1,0 +1,208 @@
+"""The light client (``--offline he``) against the dealt mode on SmolLM2-135M-Instruct, in one run.
+
+For each mode it starts a helper daemon and a model-party daemon (loopback TCP,
+``--insecure``) and runs the user party in a process of its own (``permllm.connect``,
+which loads only the tokenizer), generating greedily from "What is the capital of
+France?" (chat template). The user process reports:
+
+* its peak RSS (``ru_maxrss``), after the setup and at the end;
+* the bytes it received in the setup phase;
+* offline seconds per token (its offline phase, wall time, over the generated tokens);
+* online seconds per token: the online steps' own time, over the generated tokens
+  (the prefill step included). The dealt mode runs the offline phase ahead of the
+  online one in a window, so its online steps share the CPU with offline work; it is
+  therefore also measured with the offline phase done first (the fair comparison).
+  The light mode's offline batches never overlap its online steps.
+
+and the token ids, compared here with transformers' greedy ids (float32, same run).
+``--precision`` also measures the CKKS products on SmolLM2's own weights and mask
+sizes (one op of each kind) against float64. Usage:
+
+    .venv/bin/python bench/light_client.py [--tokens 32] [--precision] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+FRANCE = "What is the capital of France?"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+async def _user(model_party: str, helper: str, offline: str, tokens: int, again: bool) -> dict:
+    """The user process: one generation (and, with ``again``, a second with the offline phase first)."""
+    import resource
+
+    import permllm
+    from permllm.runtime.config import load_config
+
+    def rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    settings = load_config("user", overrides={"insecure": True, "limits.message_timeout": 3600.0})
+    t0 = time.perf_counter()
+    session = await permllm.connect(model_party, helper, settings=settings, offline=offline)
+    out: dict = {"mode": offline, "setup_s": time.perf_counter() - t0, "rss_setup_mb": rss_mb(),
+                 "setup_bytes_recv": session._meters[0].total("setup").bytes_recv, "torch": "torch" in sys.modules}
+    meter = session._meters[0]
+    async with session:
+        ids = session.encode(FRANCE)
+        off0 = meter.total("offline")
+        got = [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False)]
+        r, off = session.last, meter.total("offline")
+        n = len(got)
+        out.update(prompt_ids=ids, token_ids=got, text=session.tokenizer.decode(got, skip_special_tokens=True),
+                   rss_mb=rss_mb(), offline_s_per_token=r.offline_s / n, online_s_per_token=sum(r.step_s) / n,
+                   prefill_s=r.step_s[0], decode_s_per_token=sum(r.step_s[1:]) / max(n - 1, 1),
+                   offline_sent=off.bytes_sent - off0.bytes_sent, offline_recv=off.bytes_recv - off0.bytes_recv,
+                   online_bytes=r.online_bytes)
+        if again:
+            [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
+            out["online_s_per_token_offline_first"] = sum(session.last.step_s) / n
+    return out
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    p = subprocess.Popen([sys.executable, "-m", "permllm.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True, env=ENV)
+    line = p.stdout.readline() if p.stdout else ""
+    m = re.search(r"listening on (\S+:\d+)", line)
+    if not m:
+        p.kill()
+        raise RuntimeError(f"daemon did not start: {line!r}")
+    return p, m.group(1)
+
+
+def run_mode(offline: str, tokens: int) -> dict:
+    """Daemons for ``offline``, then the user in its own process; returns what it reported."""
+    flags = ["--insecure", "--listen", "127.0.0.1:0", "--offline", offline, "--message-timeout", "3600"]
+    helper, h_addr = _start(["serve", "helper", *flags])
+    try:
+        model, m_addr = _start(["serve", "model", *flags, "--helper", h_addr])
+        try:
+            cmd = [sys.executable, __file__, "--user", m_addr, h_addr, "--offline", offline, "--tokens", str(tokens)]
+            if offline == "dealer":
+                cmd.append("--again")
+            out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=7200)
+            if out.returncode != 0:
+                raise RuntimeError(f"user process ({offline}) failed: {out.stderr[-3000:]}")
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            model.terminate()
+            model.wait(timeout=60)
+    finally:
+        helper.terminate()
+        helper.wait(timeout=60)
+
+
+def precision() -> list[dict]:
+    """CKKS products on SmolLM2's weights: max |error| of x_U·W − r against float64, one op of each kind."""
+    import numpy as np
+
+    from permllm.model import calibrate, load_model
+    from permllm.protocols import DEFAULT_RATIO, he_matmul as H
+
+    lm = load_model("smollm2")
+    w, mags = lm.weights, asyncio.run(calibrate(lm.weights))
+    st_u, msg = H._user_keys()
+    st_m = H._model_keys(msg)
+    rng = np.random.default_rng(0)
+    R = DEFAULT_RATIO
+
+    def col(name: str, n: int) -> np.ndarray:
+        v = mags.get(name + "|col")
+        return np.asarray(v) if v is not None and np.shape(v) == (n,) else np.full(n, mags[name])
+
+    rows = []
+    # (op, weight, its input's magnitude, kind, rows): prefill-sized batches, the worst MLP, the head
+    for op, weight, src, kind, n in [("L0.qkv", "L0.qkv", "L0.n1", "dense", 37), ("L0.o", "L0.o", "L0.attm", "dense", 37),
+                                     ("L0.mlp_in", "L0.mlp_in", "L0.n2", "dense", 37),
+                                     ("L28.mlp_out", "L28.mlp_out", "L28.act", "dense", 37),
+                                     ("embed", "embed", None, "transposed", 37), ("final", "final", "final.n", "diag", 8),
+                                     ("logits", "embed", "final", "dense", 8)]:
+        W = np.asarray(w[weight], dtype=np.float64)
+        Weff = W.T if kind == "transposed" else W
+        n_out = Weff.shape[0]
+        n_in = n_out if kind == "diag" else Weff.shape[1]
+        mag_in = 1.0 if src is None else float(mags[src])
+        X = (rng.integers(-int(R) // 2, int(R) // 2, size=(n, n_in)).astype(float) if src is None
+             else (rng.random((n, n_in)) - 0.5) * R * col(src, n_in))
+        mag_out = float(np.max(mags.get(op + "|col", mags[op])))
+        r = (rng.random((n, n_out)) - 0.5) * R * mag_out
+        L = H.plan(n_in, n_out, n, kind == "diag")
+        xb, wb = H.scales(R, mag_in, float(np.max(np.abs(W))), n_in, mag_out, kind == "diag")
+        t0 = time.perf_counter()
+        blobs, masks = H.model_product(st_m, Weff, L, H.user_encrypt(st_u, X, L, xb), xb, wb, 1)
+        m_s = time.perf_counter() - t0
+        got = H.model_unmask(st_m, H.user_unmask(st_u, blobs, H.pack_out(r, L), 0, len(blobs)), masks, L,
+                             2.0 ** (xb + wb))
+        want = (X * Weff if kind == "diag" else X @ Weff.T) - r
+        err = float(np.max(np.abs(got - want)))
+        rows.append({"op": op, "rows": n, "n_in": n_in, "n_out": n_out, "K": L.K, "scale_bits": [xb, wb],
+                     "max_abs_err": err, "mag_out": mag_out, "rel_err": err / mag_out, "model_s": m_s})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--precision", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--user", nargs=2, metavar=("MODEL_PARTY", "HELPER"), help=argparse.SUPPRESS)
+    ap.add_argument("--offline", default="he", help=argparse.SUPPRESS)
+    ap.add_argument("--again", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.user:
+        print(json.dumps(asyncio.run(_user(*a.user, a.offline, a.tokens, a.again))))
+        return
+    res = {m: run_mode(m, a.tokens) for m in ("dealer", "he")}
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from permllm.model.loaders import smollm2_dir
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    prompt = res["he"]["prompt_ids"]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=a.tokens, do_sample=False, eos_token_id=None,
+                           attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    for r in res.values():
+        r["identical"] = r["token_ids"] == want
+    report = {"tokens": a.tokens, "prompt_tokens": len(prompt), "modes": res}
+    if a.precision:
+        report["precision"] = precision()
+    if a.json:
+        print(json.dumps(report, indent=1))
+        return
+    d, h = res["dealer"], res["he"]
+    print(f"SmolLM2-135M-Instruct, {len(prompt)}-token prompt, {a.tokens} greedy tokens; user in its own process\n")
+    print("| | dealt (standard) | light (`--offline he`) | light / dealt |")
+    print("|---|---|---|---|")
+    print(f"| user peak RSS | {d['rss_mb']:.0f} MB | {h['rss_mb']:.0f} MB | {h['rss_mb'] / d['rss_mb']:.0%} |")
+    print(f"| bytes the user receives in setup | {d['setup_bytes_recv'] / 1e6:.1f} MB | "
+          f"{h['setup_bytes_recv'] / 1e6:.3f} MB | {h['setup_bytes_recv'] / d['setup_bytes_recv']:.2%} |")
+    print(f"| offline s/token | {d['offline_s_per_token']:.2f} | {h['offline_s_per_token']:.2f} | "
+          f"{h['offline_s_per_token'] / d['offline_s_per_token']:.0f}× |")
+    print(f"| online s/token (offline done first) | {d['online_s_per_token_offline_first']:.3f} | "
+          f"{h['online_s_per_token']:.3f} | {h['online_s_per_token'] / d['online_s_per_token_offline_first']:.2f} |")
+    print(f"| online s/token (dealt: offline running ahead) | {d['online_s_per_token']:.3f} | | |")
+    print(f"| user's offline traffic per token, sent / received | {d['offline_sent'] / a.tokens / 1e6:.1f} / "
+          f"{d['offline_recv'] / a.tokens / 1e6:.1f} MB | {h['offline_sent'] / a.tokens / 1e6:.1f} / "
+          f"{h['offline_recv'] / a.tokens / 1e6:.1f} MB | |")
+    print(f"| greedy ids identical to transformers | {d['identical']} | {h['identical']} | |")
+    print(f"\nlight-mode text: {h['text']!r}")
+    if a.precision:
+        print("\n| op | rows | n_in → n_out | K | scales (x, w bits) | max abs error | relative to max |out| |")
+        print("|---|---|---|---|---|---|---|")
+        for p in report["precision"]:
+            print(f"| {p['op']} | {p['rows']} | {p['n_in']} → {p['n_out']} | {p['K']} | 2^{p['scale_bits'][0]}, "
+                  f"2^{p['scale_bits'][1]} | {p['max_abs_err']:.1e} | {p['rel_err']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Private generation in the light mode (``offline="he"``) against transformers, on reduced random models.
+
+The light client must give the plaintext greedy ids exactly, hold no weight-sized
+state, receive only public numbers in the setup, and leave the online phase unchanged
+(the same messages and hops as the dealt mode).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import permllm
+from permllm.model import load_model
+from permllm.protocols import ShareConfig
+from permllm.protocols.he_matmul import BATCH_KEY, CKKS_KEY
+from permllm.runtime import local_trio
+from permllm.runtime import session as S
+from permllm.runtime.session import HelperSession, ModelSession, UserSession
+
+from .test_generation import _gpt2_dir, _llama_dir, hf_greedy
+
+
+async def test_light_llama_matches_transformers_and_holds_no_weights(tmp_path):
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42, 99, 123, 250, 7, 3]
+    async with await permllm.local(lm, offline="he") as s:
+        user, model = s.trio.user, s.trio.model
+        assert all(w.value is None for w in user.weights.values())
+        setup_recv = user.meter.total("setup").bytes_recv
+        weights = sum(np.asarray(lm.weights[n]).size for n in user.weights) * 8
+        assert setup_recv < 0.05 * weights + 100_000  # public numbers (architecture, magnitudes, shapes) only
+        ids = [t async for t in s.generate_ids(prompt, 12)]
+        hops = s.last.online_hops
+        assert BATCH_KEY not in user.store and BATCH_KEY not in model.store
+        assert CKKS_KEY in user.store and CKKS_KEY in model.store and CKKS_KEY not in s.trio.helper.store
+        again = [t async for t in s.generate_ids(prompt[:3], 5)]  # a second generation in the same session
+    assert ids == hf_greedy(hf, prompt, 12)
+    assert again == hf_greedy(hf, prompt[:3], 5)
+    async with await permllm.local(lm) as s:  # the dealt mode: the same online cost
+        assert [t async for t in s.generate_ids(prompt, 12)] == ids
+        assert s.last.online_hops == hops
+
+
+async def test_light_gpt2_over_tcp_matches_transformers(tmp_path):
+    """Learned positions, LayerNorm with biases, GeLU; loopback TCP; batches of 2, 3 and 3 steps."""
+    d, hf = _gpt2_dir(tmp_path)
+    lm = load_model(str(d))
+    prompt = [3, 200, 31, 4, 99]
+    async with await permllm.local(lm, transport="tcp", offline="he") as s:
+        old = S.LIGHT_FIRST, S.LIGHT_BATCH
+        S.LIGHT_FIRST, S.LIGHT_BATCH = 2, 3
+        try:
+            ids = [t async for t in s.generate_ids(prompt, 8)]
+        finally:
+            S.LIGHT_FIRST, S.LIGHT_BATCH = old
+    assert ids == hf_greedy(hf, prompt, 8)
+
+
+async def test_parties_must_agree_on_the_offline_mode(tmp_path):
+    d, _ = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    trio = await local_trio("memory", ShareConfig(), seeds=False)
+    trio.user.config = ShareConfig(offline="he")
+    try:
+        ms, us, hs = ModelSession(trio.model, lm.weights), UserSession(trio.user), HelperSession(trio.helper)
+        with pytest.raises(Exception, match="offline mode"):
+            await permllm.runtime.gather_fail_fast([ms.setup(), us.setup(), hs.setup()])
+    finally:
+        await trio.close()
