@@ -279,16 +279,16 @@ class Fuzzer:
 
     def bad_message(self, sid: str, content: bool = True) -> tuple[str, bytes]:
         """A frame after a good hello: bad envelope, unknown phase, another session's, a duplicate, and with
-        ``content`` a well-formed setup message the model party's op refuses."""
+        ``content`` a well-formed generation request the model party refuses."""
         r = self.rng
         b = _binding(sid)
-        kind = r.choice(["unbound", "replay", "phase", "tag", "stamp", "abort", "dup", "raw"] + ["bfv"] * content)
+        kind = r.choice(["unbound", "replay", "phase", "tag", "stamp", "abort", "dup", "raw"] + ["req"] * content)
         if kind == "raw":
             return self.raw_frame()
         if kind == "unbound":
-            body = encode_message(("bfv", "setup", "keys"), "setup", 1, self.junk())
+            body = encode_message(("ctl", 0, "req"), "setup", 1, self.junk())
         elif kind == "replay":  # a frame of another session, as recorded
-            body = encode_message(("bfv", "setup", "keys"), "setup", 1, {"context": b"", "public_key": b""},
+            body = encode_message(("ctl", 0, "req"), "setup", 1, {"base": 0, "prompt_len": 3, "max_new": 2},
                                   _binding(secrets.token_hex(16)))
         elif kind == "phase":
             body = packb([["k", 1], r.choice(["bogus", "", "ONLINE"]), 1, 0, b])
@@ -301,10 +301,11 @@ class Fuzzer:
         elif kind == "dup":
             one = encode_message(("zz", 1), "online", 1, 0, b)
             return kind, (struct.pack("!I", len(one)) + one) * 2
-        else:  # a well-formed message with content the setup op refuses
-            body = encode_message(("bfv", "setup", "keys"), "setup", 1, r.choice([
-                self.junk(), {"context": r.randbytes(50), "public_key": r.randbytes(50)}, {"context": 1},
-                {"context": b"", "public_key": "x"}]), b)
+        else:  # a well-formed message with content the model party refuses: a bad generation request
+            body = encode_message(("ctl", 0, "req"), "setup", 1, r.choice([
+                self.junk(), {"base": 0, "prompt_len": 10 ** 9, "max_new": 1}, {"base": "0"},
+                {"base": 5, "prompt_len": 3, "max_new": 2}, {"base": 0, "prompt_len": 3, "max_new": 2, "ahead": -1}]),
+                b)
         return kind, struct.pack("!I", len(body)) + body
 
     # -- sending -------------------------------------------------------------------------
@@ -358,7 +359,7 @@ class Fuzzer:
                 reasons.append(with_tag[3])
         if reasons:
             assert re.search(r"malformed frame|frame of another session|duplicate message|unknown phase|"
-                             r"ProtocolError: setup_bfv|no permllm role|dropped session", reasons[-1]), reasons
+                             r"ProtocolError: (malformed )?generation request|no permllm role|dropped session", reasons[-1]), reasons
             return f"{role_of_daemon} {kind}: told why"
         return f"{role_of_daemon} {kind}: closed"
 
@@ -372,7 +373,10 @@ class Fuzzer:
             h = self._hello(sid, {**TERMS, "model": model_answer["terms"]["model"]})
             await th.send(packb(h))
             assert "error" not in unpackb(await asyncio.wait_for(th.recv(), 20))
-            await th.send(encode_message(("seed", "uh"), "setup", 1, self.junk(), _binding(sid)))
+            seed = self.junk()
+            while isinstance(seed, bytes) and len(seed) == 32:  # that would be a valid seed
+                seed = self.junk()
+            await th.send(encode_message(("seed", "uh"), "setup", 1, seed, _binding(sid)))
             got = await self._drain(th)
             await self._drain(tm)
         finally:

@@ -370,6 +370,9 @@ class Channel:
                             fut.set_result(None)
                     self._flushers.clear()
         except NetError as e:
+            # A peer that ended the session may have sent its reason before closing: let the
+            # reader take it from the socket's buffer first, so that is the error reported.
+            await asyncio.wait({self._tasks[0]}, timeout=1.0)
             self._fail(e)
         except asyncio.CancelledError:  # cancelled from outside (not by close): release flush() waiters
             self._fail(PeerClosed(f"channel to peer {self.name!r} was shut down"))
