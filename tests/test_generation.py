@@ -71,6 +71,33 @@ async def test_random_llama_matches_transformers(tmp_path):
     assert await private_ids(lm, prompt, 12) == hf_greedy(hf, prompt, 12)
 
 
+async def test_offline_products_are_batched(tmp_path, monkeypatch):
+    """U and H compute each op's decode products in batches of DEALT_BATCH steps (the prefill alone),
+    and the tokens stay exact, with the offline phase running ahead or done first."""
+    import importlib
+    linear = importlib.import_module("permllm.protocols.linear")
+    from permllm.runtime.session import DEALT_BATCH
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    rows: list[int] = []
+    apply = linear._apply
+
+    def spy(kind, x, W):
+        if x.shape[-1] == lm.arch.hidden and W.shape == (lm.arch.vocab, lm.arch.hidden):  # the LM head
+            rows.append(len(x))
+        return apply(kind, x, W)
+
+    monkeypatch.setattr(linear, "_apply", spy)
+    prompt, n = [5, 17, 42, 99], 2 * DEALT_BATCH + 1
+    want = hf_greedy(hf, prompt, n)
+    async with await permllm.local(lm) as s:
+        for first in (False, True):
+            rows.clear()
+            assert [t async for t in s.generate_ids(prompt, n, offline_first=first)] == want
+            # online: M's n products of one row; offline: U's and H's, the prefill's row, then batches
+            assert sorted(rows) == sorted([1] * n + 2 * [1, DEALT_BATCH, DEALT_BATCH]), rows
+
+
 async def test_random_gpt2_matches_transformers(tmp_path):
     d, hf = _gpt2_dir(tmp_path)
     lm = load_model(str(d))

@@ -1,4 +1,4 @@
-"""Token selection: sampling on permuted logits, BFV index retrieval, select_token.
+"""Token selection: sampling on permuted logits, dealt index retrieval, select_token.
 
 The sampling rules are checked for permutation equivariance and against the exact
 truncated softmax; retrieval and select_token run with all three parties over
@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from permllm.protocols import (Party, ProtocolError, Role, Sampler, choose, make_rng, retrieve, select_token,
-                               setup_bfv)
+from permllm.protocols import Party, ProtocolError, Role, Sampler, choose, make_rng, retrieve, select_token
 from permllm.runtime import DealtInput, local_trio, run_offline, run_online, run_setup
 
 from .conftest import online_counts
@@ -86,83 +85,87 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         assert choose(x, Sampler(temperature=0.1, top_p=1e-9), g) == int(np.argmax(x))
 
 
-# -- BFV retrieval ------------------------------------------------------------------------
-async def _setup_bfv(trio) -> None:
-    await run_setup(trio, lambda p: setup_bfv(p))
+# -- dealt retrieval ----------------------------------------------------------------------
+def _retrieve_graph(table: np.ndarray, j: int | None):
+    def g(p):
+        return retrieve(p, "r", j if p.is_user and p.phase == "online" else None,
+                        table if p.is_helper else None, length=table.size)
+    return g
 
 
-@pytest.mark.parametrize("vocab", [1000, 9000])
+@pytest.mark.parametrize("vocab", [200, 1000, 130528])
 async def test_retrieve_table_entry(trio, vocab):
-    await _setup_bfv(trio)
     table = rng.permutation(vocab)
-    n = trio.model.store[("bfv", -1)].n
-    chunks = -(-vocab // n)
-    for tok, j in enumerate([0, vocab - 1, int(rng.integers(vocab)), n - 1 if vocab > n else vocab // 2]):
-        for p in (trio.model, trio.user):
+    for tok, j in enumerate([0, vocab - 1, int(rng.integers(vocab))]):
+        for p in trio.parties:
             p.meter.reset()
-        m, u = await run_online(trio, lambda p: retrieve(p, "r", j if p.is_user else None,
-                                                         table if p.is_model else None, length=vocab), tok)
+        g = _retrieve_graph(table, j)
+        assert await run_offline(trio, g, tok) == [None, None, None]
+        dealt = trio.helper.meter.total("offline", "pir")
+        assert dealt.msgs_sent == 1 and dealt.bytes_sent >= vocab * (1 if vocab <= 256 else 2 if vocab <= 65536 else 4)
+        assert trio.model.meter.total("offline").msgs_recv == 0
+        m, u = await run_online(trio, g, tok)
         assert m is None and u == table[j]
         assert online_counts(trio) == (2, 2)
-        q = trio.model.meter.total("online", "bfv")
-        assert q.msgs_recv == 1 and q.bytes_recv > chunks * 100_000  # the query: `chunks` ciphertexts
-    assert trio.helper.meter.total(kind="bfv").msgs_recv == 0
-    assert trio.helper.meter.total(kind="bfv").msgs_sent == 0
-    assert ("bfv", -1) not in trio.helper.store
+        assert trio.model.meter.total("online").bytes_recv < 100  # an integer, not a query of ciphertexts
+        assert trio.helper.meter.total("online").msgs_recv == trio.helper.meter.total("online").msgs_sent == 0
 
 
-async def test_model_receives_list_of_ciphertext_bytes(trio, monkeypatch):
-    """What the model party receives is a list of `chunks` opaque byte strings of one size."""
-    await _setup_bfv(trio)
-    vocab, j = 9000, 4321
+async def test_retrieve_views_are_uniform(trio, monkeypatch):
+    """What M receives (U's shifted index) does not depend on the index, and U's table is padded."""
+    vocab = 50
     table = rng.permutation(vocab)
-    seen = []
+    seen_m, seen_u = [], []
     recv = Party.recv
 
     async def spy(self, frm, tag):
         msg = await recv(self, frm, tag)
-        if self.is_model and tag[0] == "bfv":
-            seen.append(msg)
+        (seen_m if self.is_model else seen_u).append(msg)
         return msg
 
     monkeypatch.setattr(Party, "recv", spy)
-    _, u = await run_online(trio, lambda p: retrieve(p, "r", j if p.is_user else None,
-                                                     table if p.is_model else None, length=vocab))
-    assert u == table[j]
-    [q] = seen
-    assert isinstance(q, list) and len(q) == 3 and all(isinstance(b, bytes) for b in q)
-    assert len({len(b) for b in q}) == 1  # the chunk holding j looks like the others
+    draws = 600
+    for tok in range(draws):
+        g = _retrieve_graph(table, 7)  # always the same index
+        await run_offline(trio, g, tok)
+        _, u = await run_online(trio, g, tok)
+        assert u == table[7]
+    js = np.bincount(seen_m, minlength=vocab)
+    expected = draws / vocab
+    chi2 = float(np.sum((js - expected) ** 2 / expected))
+    assert chi2 < 100, js  # 49 degrees of freedom: p = 0.001 at 85.4; a fixed j would give ~29400
+    tables = [t for t in seen_u if isinstance(t, np.ndarray)]
+    assert len(tables) == draws
+    assert not any(np.array_equal(np.sort(t), np.arange(vocab)) for t in tables)  # never the bare permutation
 
 
-@pytest.mark.parametrize("bad", ["count", "garbage", "empty", "type"])
-async def test_malformed_query_is_a_protocol_error(bad):
+@pytest.mark.parametrize("bad", [-1, 10 ** 6, "3", 1.5, None, True])
+async def test_malformed_index_is_a_protocol_error(bad):
     async with await local_trio("memory") as trio:
-        await _setup_bfv(trio)
         vocab = 5000
-        good = trio.user.store[("bfv", -1)].he.encryptInt(np.zeros(4096, dtype=np.int64)).to_bytes("none")
-        query = {"count": [good], "garbage": [good, b"\x00garbage" * 100], "empty": [good, b""],
-                 "type": "not a list"}[bad]
+        table = rng.permutation(vocab)
+        await run_offline(trio, _retrieve_graph(table, None))
 
         async def g(p):
             if p.is_user:
-                p.send(Role.MODEL, p.tag("bfv", "r", "query"), query)
+                p.send(Role.MODEL, p.tag("pir", "r", "index"), bad)
                 return None
-            return await retrieve(p, "r", None, rng.permutation(vocab), length=vocab)
+            return await retrieve(p, "r", None, None, length=vocab)
 
         with pytest.raises(ProtocolError, match="retrieve"):
             await run_online(trio, g)
 
 
-async def test_bad_bfv_setup_is_a_protocol_error():
+async def test_malformed_table_is_a_protocol_error():
     async with await local_trio("memory") as trio:
         async def g(p):
-            if p.is_user:
-                p.send(Role.MODEL, ("bfv", "setup", "keys"), {"context": b"junk", "public_key": b"junk"})
+            if p.is_helper:
+                p.send(Role.USER, p.tag("pir", "r", "table"), np.zeros(10, dtype=np.uint32))
                 return None
-            return await setup_bfv(p)
+            return await retrieve(p, "r", None, None, length=100)
 
-        with pytest.raises(ProtocolError, match="setup_bfv"):
-            await run_setup(trio, g)
+        with pytest.raises(ProtocolError, match="retrieve"):
+            await run_offline(trio, g)
 
 
 # -- select_token -------------------------------------------------------------------------
@@ -177,7 +180,6 @@ def _select_graph(x: DealtInput, vocab: int, sampler: Sampler, mag: float):
 
 async def _select_once(transport: str, logits: np.ndarray, sampler: Sampler, mag: float = 30.0) -> int:
     async with await local_trio(transport) as trio:
-        await _setup_bfv(trio)
         x = DealtInput(trio, "logits", logits, mag)
         g = _select_graph(x, logits.size, sampler, mag)
         assert await run_offline(trio, g) == [None, None, None]
@@ -189,7 +191,6 @@ async def _select_once(transport: str, logits: np.ndarray, sampler: Sampler, mag
 
 async def test_select_token_greedy(trio):
     vocab = 5000
-    await _setup_bfv(trio)
     for tok in range(2):  # a fresh π per token
         logits = rng.normal(size=vocab) * 8
         x = DealtInput(trio, f"logits{tok}", logits, 30.0)
@@ -200,7 +201,7 @@ async def test_select_token_greedy(trio):
         m, u = await run_online(trio, g, tok)
         assert m is None and u == int(np.argmax(logits))
         assert online_counts(trio) == (3, 3)
-        assert trio.helper.meter.total().msgs_sent == 0
+        assert trio.helper.meter.total("online").msgs_sent == 0
 
 
 async def test_select_token_sampling_reproducible_across_sessions():
@@ -209,14 +210,3 @@ async def test_select_token_sampling_reproducible_across_sessions():
     a = await _select_once("memory", logits, s)
     b = await _select_once("tcp", logits, s)
     assert a == b == choose(logits, s, make_rng(s))
-
-
-async def test_select_token_refuses_vocab_over_t():
-    async with await local_trio("memory") as trio:
-        await run_setup(trio, lambda p: setup_bfv(p, t_bits=17))  # t < 2**17
-        vocab = 131000
-        x = DealtInput(trio, "logits", np.zeros(vocab), 1.0)
-        g = _select_graph(x, vocab, Sampler(), 1.0)
-        await run_offline(trio, g)
-        with pytest.raises(ValueError, match="plaintext modulus"):
-            await run_online(trio, g)

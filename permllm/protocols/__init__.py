@@ -5,9 +5,10 @@ Layer: above :mod:`permllm.net` (it sends tagged messages on Channels), below
 :class:`Party` context whose ``phase`` selects the branch:
 
 * ``setup`` — once per session: seeds (:meth:`Party.establish_seeds`), the
-  masked weights (:func:`setup_weight`) and the user's BFV keys (:func:`setup_bfv`).
+  masked weights (:func:`setup_weight`); in the light mode the user's CKKS keys.
 * ``offline`` — the helper (the dealer) derives every correlation from the s_MH and
-  s_UH streams and sends it to the model party; the user sends its offline linear
+  s_UH streams and sends it to the model party (and the token-retrieval table to the
+  user); the user sends its offline linear
   messages. Nothing here depends on the prompt or on M's shares. In the light mode
   (``ShareConfig.offline == "he"``) the linear layers' correlations come from CKKS
   products between U and M instead (:mod:`.he_matmul`, keys by :func:`setup_ckks`).
@@ -27,7 +28,7 @@ from .party import Party, ProtocolError, Role
 from .permute import Perm, apply_permuted, permute_reveal, reshare_unpermute
 from .prg import stream, uniform_mask
 from .sampling import Sampler, choose, make_rng
-from .select import retrieve, select_token, setup_bfv
+from .select import retrieve, select_token
 
 __all__ = [
     "DEFAULT_RATIO", "FLOAT32_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
@@ -35,5 +36,5 @@ __all__ = [
     "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
     "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",
     "stream", "uniform_mask",
-    "Sampler", "choose", "make_rng", "setup_bfv", "retrieve", "select_token", "setup_ckks",
+    "Sampler", "choose", "make_rng", "retrieve", "select_token", "setup_ckks",
 ]

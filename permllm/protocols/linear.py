@@ -13,6 +13,13 @@ When U's share is not H-derivable (a one-hot token it chose, the output of a
 shared product), :func:`reshare` first swaps it for a derivable one: one online
 message U → M.
 
+Batches (dealt mode): U's and H's offline products are the whole offline cost, and a
+decode step's product is a matrix-vector one that reads every weight for one row. Between
+:func:`open_dealt_batch` and :func:`close_dealt_batch` U and H defer them: each linear
+returns U's share r at once (the graph needs nothing else), and the close computes one
+product per op over the rows of all the batch's tokens (each weight read once), then
+sends each token's message. M's branch is unchanged; it waits for the messages.
+
 In the light mode (``config.offline == "he"``) no D = W − U_W leaves M: the setup sends
 only each weight's public shape and scale, and the offline x_U·W − r comes from a CKKS
 product between U and M (:mod:`permllm.protocols.he_matmul`); H only derives r. The
@@ -28,7 +35,8 @@ import numpy as np
 from . import he_matmul
 from .party import Party, ProtocolError, Role
 
-__all__ = ["setup_weight", "linear", "reshare", "WeightKind"]
+__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "open_dealt_batch", "close_dealt_batch",
+           "abort_dealt_batch"]
 
 WeightKind = str  # "dense": x @ W.T (W: out×in) · "transposed": x @ W (W: in×out) · "diag": x * w
 SETUP_CHUNK = 1 << 22  # elements per setup message (32 MiB in float64)
@@ -193,18 +201,16 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
         else:
             l2 = mag_in * math.sqrt(n_in) if l2_in is None else l2_in
             width_t = R * R * w.scale * l2 / math.sqrt(12.0)
+        op = _Deferred(name, weight, kind, width_t, mag_out)
+        out_shape = x.shape if kind == "diag" else (*x.shape[:-1], _product_shape(kind, w.shape)[0])
+        r = p.mask("uh", name, "r", out_shape, R * mag_out)
         if p.is_user:
-            y = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(n_in, 1))
-        else:
-            uw = _helper_uw(p, weight)
-            y = await p.compute(_apply, kind, x, uw, work=x.size * uw.size // max(n_in, 1))
-        t = p.mask("uh", name, "t", y.shape, width_t)
-        r = p.mask("uh", name, "r", y.shape, R * mag_out)
-        if p.is_user:
-            p.send(Role.MODEL, p.tag("linear", name, "u"), y + t)
             p.keep(name, r)
+        batch: _DealtBatch | None = p.store.get(DEALT_KEY)
+        if batch is not None and p.token in batch.tokens:
+            batch.add(op, p.token, x)
         else:
-            p.send(Role.MODEL, p.tag("linear", name, "h"), y - t - r)
+            await _send_products(p, op, [(p.token, x)])
         return r
     if p.phase != "online" or p.is_helper:
         raise ProtocolError(f"linear {name!r}: the {p.role.value} party has no {p.phase} branch")
@@ -219,6 +225,75 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
     if bias is not None:
         z += bias
     return z
+
+
+@dataclass(slots=True)
+class _Deferred:
+    """One dealt-mode offline product of U or H: what its messages need besides the rows."""
+
+    name: str
+    weight: str
+    kind: WeightKind
+    width_t: float
+    mag_out: float | np.ndarray
+
+
+DEALT_KEY = ("dealt-batch", -1)  # p.store entry of the open batch (U and H)
+
+
+@dataclass(slots=True)
+class _DealtBatch:
+    tokens: list[int]
+    ops: dict[str, tuple[_Deferred, list[tuple[int, np.ndarray]]]] = field(default_factory=dict)
+
+    def add(self, op: _Deferred, token: int, x: np.ndarray) -> None:
+        _, rows = self.ops.setdefault(op.name, (op, []))
+        if rows and rows[-1][0] >= token:
+            raise ProtocolError(f"dealt batch: op {op.name!r} ran twice for token {token} or out of order")
+        rows.append((token, np.asarray(x)))
+
+
+def open_dealt_batch(p: Party, tokens: list[int]) -> None:
+    """U and H (dealt mode): defer the offline products of ``tokens`` until :func:`close_dealt_batch`."""
+    if not tokens or any(b <= a for a, b in zip(tokens, tokens[1:])):
+        raise ValueError(f"a batch needs increasing tokens, got {tokens}")
+    if p.store.get(DEALT_KEY) is not None:
+        raise ProtocolError(f"{p.role.value}: a dealt batch is already open")
+    p.store[DEALT_KEY] = _DealtBatch(list(tokens))
+
+
+async def close_dealt_batch(p: Party) -> None:
+    """Compute the open batch's products, one per op over all its rows, and send each token's message."""
+    batch: _DealtBatch | None = p.store.get(DEALT_KEY)
+    if batch is None:
+        raise ProtocolError(f"{p.role.value}: no dealt batch is open")
+    for op, rows in batch.ops.values():
+        await _send_products(p, op, rows)
+    p.store.pop(DEALT_KEY, None)
+
+
+def abort_dealt_batch(p: Party) -> None:
+    """Drop the open batch, if any (after a failure or a cancellation)."""
+    p.store.pop(DEALT_KEY, None)
+
+
+async def _send_products(p: Party, op: _Deferred, rows: list[tuple[int, np.ndarray]]) -> None:
+    """U: x_U·D + t, H: x_U·U_W − t − r, for each (token, x_U) in ``rows``, from one product."""
+    w = p.weights[op.weight]
+    W = w.value if p.is_user else _helper_uw(p, op.weight)
+    X = rows[0][1] if len(rows) == 1 else np.concatenate([x for _, x in rows])
+    Y = await p.compute(_apply, op.kind, X, W, work=X.size * W.size // max(_n_in(op.kind, w.shape), 1))
+    i = 0
+    for token, x in rows:
+        pv = p.view("offline", token)
+        y = Y[i:i + len(x)]
+        i += len(x)
+        t = pv.mask("uh", op.name, "t", y.shape, op.width_t)
+        if p.is_user:
+            pv.send(Role.MODEL, pv.tag("linear", op.name, "u"), y + t)
+        else:
+            r = pv.mask("uh", op.name, "r", y.shape, p.ratio * op.mag_out)
+            pv.send(Role.MODEL, pv.tag("linear", op.name, "h"), y - t - r)
 
 
 def _product_shape(kind: WeightKind, shape: tuple[int, ...]) -> tuple[int, int]:

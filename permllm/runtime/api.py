@@ -48,6 +48,7 @@ class GenerationResult:
     setup_bytes: int = 0
     online_hops: int = 0
     step_s: list[float] = field(default_factory=list)  # online seconds of each step (step 0: prefill)
+    offline_step_s: list[float] = field(default_factory=list)  # U's offline seconds per step (a batch's split evenly)
 
     @property
     def tokens_per_s(self) -> float:
@@ -117,6 +118,7 @@ class Session:
             res.setup_bytes += a_set
         res.offline_s = self._user.offline_s - off0
         res.step_s = list(self._user.last_steps)
+        res.offline_step_s = list(self._user.offline_step_s[:len(res.step_s)])
         if offline_first:  # the first step also waited for the whole offline phase: count steps only
             res.online_s = sum(res.step_s)
         res.online_hops = max(m.hops("online") for m in self._meters)

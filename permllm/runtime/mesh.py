@@ -17,8 +17,9 @@ import numpy as np
 
 from ..net import Channel, LinkEmulator, Meter, memory_pair, open_channel, tcp_connect, tcp_serve
 from ..protocols import Party, Role, ShareConfig
+from ..protocols.linear import abort_dealt_batch, close_dealt_batch, open_dealt_batch
 
-__all__ = ["Trio", "local_trio", "run_setup", "run_offline", "run_online", "gather_fail_fast", "DealtInput"]
+__all__ = ["Trio", "local_trio", "run_setup", "run_offline", "run_offline_batch", "run_online", "gather_fail_fast", "DealtInput"]
 
 Graph = Callable[[Party], Awaitable[Any]]
 
@@ -136,6 +137,25 @@ async def run_setup(trio: Trio, graph: Graph) -> list[Any]:
 async def run_offline(trio: Trio, graph: Graph, token: int = 0) -> list[Any]:
     """Run ``graph`` in the offline phase for ``token`` at all three parties."""
     return await _run(list(trio.parties), "offline", token, graph)
+
+
+async def run_offline_batch(trio: Trio, graphs: list[tuple[int, Graph]]) -> None:
+    """Run the offline phase of several (token, graph) pairs, in order at each party, as one
+    batch: in the dealt mode U and H compute each linear op's products once for all of them."""
+    tokens = [t for t, _ in graphs]
+
+    async def run(p: Party) -> None:
+        batched = p.config.offline == "dealer" and not p.is_model
+        if batched:
+            open_dealt_batch(p, tokens)
+        try:
+            for token, graph in graphs:
+                await graph(p.view("offline", token))
+            if batched:
+                await close_dealt_batch(p)
+        finally:
+            abort_dealt_batch(p)
+    await gather_fail_fast([run(p) for p in trio.parties])
 
 
 async def run_online(trio: Trio, graph: Graph, token: int = 0) -> list[Any]:

@@ -4,11 +4,14 @@ Each party runs the same :class:`~permllm.model.forward.Forward` through its own
 branch of the protocol ops. The life of a session:
 
 1. **setup** (once): seeds; M publishes the architecture and the calibrated mask
-   magnitudes (public); the masked weights D = W − U_W go to U; U's BFV keys go to M.
+   magnitudes (public); the masked weights D = W − U_W go to U (in the light mode,
+   U's CKKS keys go to M instead).
 2. per generation request from U (``prompt_len``, ``max_new_tokens``: public):
    * **offline** — every party runs the forward's offline branch for upcoming
      tokens, ahead of the online phase (a window of :data:`OFFLINE_AHEAD` tokens);
-     the helper runs only this phase. In the light mode (``offline="he"``: no masked
+     the helper runs only this phase. U and H run the prefill alone, then the decode
+     steps in batches of :data:`DEALT_BATCH`, each linear op's products of a batch as
+     one matrix product (a decode step alone reads every weight for one row). In the light mode (``offline="he"``: no masked
      weights at U, CKKS products instead) U and M run the steps in batches — the
      prefill with the first decode steps (:data:`LIGHT_FIRST` steps), then runs of up
      to :data:`LIGHT_BATCH` steps — each batch's linear ops in one exchange per op, and
@@ -32,14 +35,16 @@ import numpy as np
 
 from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
 from ..protocols import Party, ProtocolError, Role, setup_weight
+from ..protocols.linear import abort_dealt_batch, close_dealt_batch, open_dealt_batch
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
-from ..protocols.select import select_token, setup_bfv
+from ..protocols.select import select_token
 
-__all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "LIGHT_FIRST",
-           "LIGHT_BATCH"]
+__all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "DEALT_BATCH",
+           "LIGHT_FIRST", "LIGHT_BATCH"]
 
-OFFLINE_AHEAD = 4  # tokens the offline phase may run ahead of the online phase
+OFFLINE_AHEAD = 8  # tokens the offline phase may run ahead of the online phase
+DEALT_BATCH = 4    # decode steps whose offline products U and H compute together (at most half the window)
 LIGHT_FIRST = 8    # light mode: steps in the first offline batch (the prefill and the first decode steps)
 LIGHT_BATCH = 32   # light mode: steps per later batch (the fixed costs of its HE products are paid once per batch)
 Progress = Callable[[str, int, int], None]
@@ -82,6 +87,7 @@ class _Party:
         self.next_token = 0
         self.gens = 0
         self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
+        self.offline_step_s: list[float] = []  # this generation's offline seconds per step (batches split evenly)
         self.progress: Progress | None = None  # progress of the setup and offline phases
 
     def ops(self, phase: str, token: int, gen: int) -> tuple[Party, PrivateOps]:
@@ -101,15 +107,34 @@ class _Party:
     async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         if self.p.config.offline == "he" and not self.p.is_helper:
             return await self.offline_light(g, ready, window)
-        for step in range(g.max_new):
+        self.offline_step_s = [0.0] * g.max_new
+        batched = self.p.config.offline == "dealer" and not self.p.is_model
+        size = max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1
+        batches = [[0]] + [list(range(i, min(i + size, g.max_new))) for i in range(1, g.max_new, size)]
+        for batch in batches:
             if window is not None:
-                await window.acquire()
+                for _ in batch:
+                    await window.acquire()
             t0 = time.perf_counter()
-            await self.step("offline", g, step, None, None, Sampler())
-            self.offline_s += time.perf_counter() - t0
-            ready[step].set()
-            if self.progress:
-                self.progress("offline", step + 1, g.max_new)
+            if batched:
+                open_dealt_batch(self.p, [g.base + s for s in batch])
+            try:
+                for step in batch:
+                    await self.step("offline", g, step, None, None, Sampler())
+                if batched:
+                    await close_dealt_batch(self.p)
+            finally:
+                abort_dealt_batch(self.p)
+            self._timed(batch, time.perf_counter() - t0)
+            for step in batch:
+                ready[step].set()
+                if self.progress:
+                    self.progress("offline", step + 1, g.max_new)
+
+    def _timed(self, batch: list[int], seconds: float) -> None:
+        self.offline_s += seconds
+        for step in batch:
+            self.offline_step_s[step] = seconds / len(batch)
 
     async def offline_light(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         """U and M in the light mode: the offline phase in batches of steps, one HE exchange per op and batch.
@@ -120,9 +145,10 @@ class _Party:
         one (it takes the whole window), so U holds one batch. A request with the whole
         generation ahead (``offline_first``) is one batch.
         """
+        self.offline_step_s = [0.0] * g.max_new
         steps = list(range(g.max_new))
         whole = g.ahead >= g.max_new
-        first = g.max_new if whole else min(LIGHT_FIRST, g.max_new)
+        first = g.max_new if whole else min(LIGHT_FIRST, g.ahead)
         batches = [steps[:first]] + [steps[i:i + g.ahead] for i in range(first, g.max_new, g.ahead)]
         for i, batch in enumerate(batches):
             if window is not None:
@@ -139,7 +165,7 @@ class _Party:
                 await he_matmul.close_batch(self.p)
             finally:
                 he_matmul.abort_batch(self.p)
-            self.offline_s += time.perf_counter() - t0
+            self._timed(batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
                 if self.progress:
@@ -215,7 +241,6 @@ class ModelSession(_Party):
         await self.setup_weights(progress)
         if p.config.offline == "he":
             await he_matmul.setup_ckks(p)
-        await setup_bfv(p)
 
     async def serve(self) -> None:
         """Answer generation requests until U closes the session."""
@@ -296,7 +321,6 @@ class UserSession(_Party):
         await self.setup_weights(progress)
         if p.config.offline == "he":
             await he_matmul.setup_ckks(p)
-        await setup_bfv(p)
         return self.arch
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int,
