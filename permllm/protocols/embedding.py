@@ -30,20 +30,23 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
     """[E[ids]] for ``n_tokens`` ids known to U only (U passes them online; others pass None)."""
     oh = name + ".onehot"
     half = int(p.ratio) // 2
+
+    def mask() -> np.ndarray:
+        return p.gen("uh", oh, "r").integers(-half, half, size=(n_tokens, vocab)).astype(p.dtype)
+
     if p.phase == "offline":
         x = None
         if not p.is_model:
-            r = p.gen("uh", oh, "r").integers(-half, half, size=(n_tokens, vocab)).astype(p.dtype)
-            if p.is_user:
-                p.keep(oh, r)
-            x = r
+            x = mask()
+            if p.is_user and p.config.offline != "he":  # the light client draws r again online
+                p.keep(oh, x)
     elif p.is_user:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape != (n_tokens,):
             raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
-        x = p.take(oh)
+        x = mask() if p.config.offline == "he" else p.take(oh)
         d = -x
         d[np.arange(n_tokens), ids] += 1
         p.send(Role.MODEL, p.tag("embed", oh, "u"), d.astype(_wire_dtype(p.ratio)))

@@ -12,6 +12,9 @@ with π, and the result is shared again and un-permuted (DESIGN.md §3):
 Permutations act either on all elements ("flat", for element-wise functions) or on
 the last axis of each row independently ("rows", for softmax and norms), where each
 row may have a valid prefix (a causal mask) that π keeps in front.
+
+In the light mode (``config.offline == "he"``) U keeps none of its masks b, a′, b′
+between the phases: it draws them again online from the same s_UH streams.
 """
 from __future__ import annotations
 
@@ -95,6 +98,8 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             p.keep(name + "/reveal", (deltas, pi))
             return None
         shp = tuple(xs[0].shape)
+        if p.is_user and p.config.offline == "he":
+            return None  # the light client keeps no per-token state: it draws b again online
         bs = [p.mask("uh", name, f"b{i}", shp, R * m) for i, m in enumerate(mags)]
         if p.is_user:
             p.keep(name + "/reveal", bs)
@@ -116,7 +121,12 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         p.send(Role.USER, p.tag("perm", name, "m"), ms)
         return None
     if p.is_user:
-        bs = p.take(name + "/reveal")
+        if p.config.offline == "he":
+            if xs[0] is None:
+                raise ProtocolError(f"permute_reveal {name!r}: the user must pass its shares")
+            bs = [p.mask("uh", name, f"b{i}", tuple(xs[0].shape), R * m) for i, m in enumerate(mags)]
+        else:
+            bs = p.take(name + "/reveal")
         ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"))
         if not isinstance(ms, list) or len(ms) != len(bs):
             raise ProtocolError(f"permute_reveal {name!r}: expected {len(bs)} arrays")
@@ -151,16 +161,23 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             return None
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
-        a = p.mask("uh", name, "a'", shape, R * mag)
         b = p.mask("uh", name, "b'", shape, R * (mag if mag_share is None else mag_share))
         if p.is_user:
-            p.keep(name + "/unperm", (a, b))
+            if p.config.offline != "he":  # the light client draws a′ and b′ again online
+                p.keep(name + "/unperm", (p.mask("uh", name, "a'", shape, R * mag), b))
         else:
+            a = p.mask("uh", name, "a'", shape, R * mag)
             pi = _perm(p, name, tuple(shape), mode, valid)
             p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
         return b
     if p.is_user:
-        a, b = p.take(name + "/unperm")
+        if p.config.offline == "he":
+            if y is None:
+                raise ProtocolError(f"reshare_unpermute {name!r}: the user must pass its output")
+            a = p.mask("uh", name, "a'", y.shape, R * mag)
+            b = p.mask("uh", name, "b'", y.shape, R * (mag if mag_share is None else mag_share))
+        else:
+            a, b = p.take(name + "/unperm")
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         p.send(Role.MODEL, p.tag("unperm", name, "y"), np.asarray(y, dtype=p.dtype) - a)
