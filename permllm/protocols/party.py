@@ -148,13 +148,14 @@ class Party:
             self.op.bytes_sent += payload_bytes(payload)
 
     async def recv(self, frm: Role, tag: tuple) -> Any:
-        if self.op is None:
+        op = self.op  # the op this message is for (a task outliving its op may run on)
+        if op is None:
             return await self.channels[frm].recv(tag)
         t0 = time.perf_counter()
         out = await self.channels[frm].recv(tag)
-        self.op.wait_s += time.perf_counter() - t0
-        self.op.msgs_recv += 1
-        self.op.bytes_recv += payload_bytes(out)
+        op.wait_s += time.perf_counter() - t0
+        op.msgs_recv += 1
+        op.bytes_recv += payload_bytes(out)
         return out
 
     @contextlib.asynccontextmanager
