@@ -216,3 +216,19 @@ async def test_float32_and_float64(trio_dt, dtype):
     assert rel_err(m + u, want) < REL_TOL[dtype]
     assert (m + u).dtype == np.dtype(dtype)
     assert online_counts(trio) == (4, 4)
+
+
+async def test_traced_message_received_after_its_op_ended(trio):
+    """A task started inside a traced op may receive after the op ends (the light mode's HE
+    products): the message counts for that op, and nothing fails."""
+    from permllm.protocols import Role
+    from permllm.runtime.profile import enable
+    [_, u_trace, _] = enable(trio.parties)
+    u, m = trio.user.view("online", 0), trio.model.view("online", 0)
+    async with u.traced("op"):
+        late = asyncio.create_task(u.recv(Role.MODEL, ("late", 1)))
+        await asyncio.sleep(0)
+    m.send(Role.USER, ("late", 1), np.arange(3.0))
+    assert (await late).tolist() == [0.0, 1.0, 2.0]
+    [rec] = u_trace
+    assert rec.name == "op" and rec.msgs_recv == 1
