@@ -31,25 +31,30 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
     oh = name + ".onehot"
     half = int(p.ratio) // 2
 
+    wire = _wire_dtype(p.ratio)
+
     def mask() -> np.ndarray:
-        return p.gen("uh", oh, "r").integers(-half, half, size=(n_tokens, vocab)).astype(p.dtype)
+        """r, in the wire dtype (U keeps it so: the online message is then integer work only)."""
+        return p.gen("uh", oh, "r").integers(-half, half, size=(n_tokens, vocab), dtype=wire)
 
     if p.phase == "offline":
         x = None
         if not p.is_model:
-            x = mask()
+            r = mask()
             if p.is_user and p.config.offline != "he":  # the light client draws r again online
-                p.keep(oh, x)
+                p.keep(oh, r)
+            x = r.astype(p.dtype)
     elif p.is_user:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape != (n_tokens,):
             raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
-        x = mask() if p.config.offline == "he" else p.take(oh)
-        d = -x
+        r = mask() if p.config.offline == "he" else p.take(oh)
+        d = -r
         d[np.arange(n_tokens), ids] += 1
-        p.send(Role.MODEL, p.tag("embed", oh, "u"), d.astype(_wire_dtype(p.ratio)))
+        p.send(Role.MODEL, p.tag("embed", oh, "u"), d)
+        x = r  # online the linear needs only U's share's shape
     elif p.is_model:
         d = await p.recv(Role.USER, p.tag("embed", oh, "u"))
         if not (isinstance(d, np.ndarray) and d.dtype == _wire_dtype(p.ratio) and d.shape == (n_tokens, vocab)):
