@@ -40,6 +40,8 @@ ABORT = "!abort"  # the reserved tag kind of Channel.abort's frame
 Tag = tuple  # of str | int, e.g. ("linear", "L0.q", 3, "u"); tag[0] is the 'kind' used for counters
 
 _PREFIX_BYTES = 4          # the transport's length prefix, counted as wire bytes
+_ABORT_LINGER = 1.0  # seconds an aborting party reads on, at most, while the peer keeps sending
+_ABORT_QUIET = 0.05  # ... and it stops once the peer has sent nothing for this long
 _CLOSE_FLUSH_TIMEOUT = 5.0  # how long close() waits for queued frames to go out
 
 _Item = tuple[str, int, Any, int]  # (phase, stamp, payload, frame bytes) of a received message
@@ -236,7 +238,17 @@ class Channel:
         if self._error is None and self._loop is not None and not self._closing:
             try:
                 self._enqueue((ABORT,), "setup", printable(reason))
-            except NetError:
+                await asyncio.wait_for(self.flush(), _CLOSE_FLUSH_TIMEOUT)
+                # Read what the peer still sends until it hangs up or goes quiet (bounded):
+                # closing with its data unread would reset the connection, and a reset can
+                # discard the reason before the peer reads it.
+                deadline = self._loop.time() + _ABORT_LINGER
+                while self._loop.time() < deadline:
+                    seen = self._active
+                    done, _ = await asyncio.wait({self._tasks[0]}, timeout=_ABORT_QUIET)
+                    if done or self._active == seen:
+                        break
+            except (NetError, asyncio.TimeoutError):
                 pass  # the link failed meanwhile: close() below is all that is left to do
         await self.close()
 
