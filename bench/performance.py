@@ -7,11 +7,12 @@ after another (the plaintext baseline is measured inside each run):
   steps: context up to 128) for both attention routes and both share dtypes, without
   delay and at 10 ms RTT / 1 Gbit/s;
 * ``smollm2`` (SmolLM2-135M-Instruct end to end, 64-token prompt, 16 tokens) for both
-  routes in float64, and the 8-hop route in float32.
+  routes and both dtypes.
 
-Prints a markdown table and writes the raw JSON with ``--save``. Usage:
+Prints the README's markdown table and writes the raw JSON with ``--save`` (``--load``
+prints the table of a saved run). Usage:
 
-    .venv/bin/python bench/performance.py [--save perf.json] [--quick]
+    .venv/bin/python bench/performance.py [--save perf.json | --load perf.json] [--quick]
 
 ``--quick`` runs fewer decode steps (a smoke test of the script, not the README's figures).
 """
@@ -40,8 +41,13 @@ def run(args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--save", metavar="FILE")
+    ap.add_argument("--load", metavar="FILE")
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    if a.load:
+        with open(a.load) as f:
+            print(table(json.load(f)))
+        return
     glm = ["chatglm6b-layer", "--prompt-len", "120", "--tokens", "2" if a.quick else "8"]
     smol = ["smollm2", "--prompt-len", "64", "--tokens", "3" if a.quick else "16"]
     res: dict[str, dict] = {}
@@ -49,43 +55,65 @@ def main() -> None:
         for route in ("12", "8"):
             res[f"glm {dtype} r{route}"] = run([*glm, "--dtype", dtype, "--route", route])
             res[f"glm {dtype} r{route} rtt"] = run([*glm, "--dtype", dtype, "--route", route, *LINK])
-    for dtype, route in (("float64", "12"), ("float64", "8"), ("float32", "8")):
+    for dtype, route in CONFIGS:
         res[f"smol {dtype} r{route}"] = run([*smol, "--dtype", dtype, "--route", route])
     if a.save:
         with open(a.save, "w") as f:
             json.dump(res, f, indent=1)
 
-    def ms(r: dict, k: str) -> str:
-        return f"{r[k]:.0f}"
+    print(table(res))
 
-    print("| figure | configuration | private | plaintext | ratio / difference |")
-    print("|---|---|---|---|---|")
-    for dtype in ("float64", "float32"):
-        for route in ("12", "8"):
-            r, q = res[f"glm {dtype} r{route}"], res[f"glm {dtype} r{route} rtt"]
-            cfg = f"{dtype}, {route}-hop"
-            print(f"| ChatGLM-6B layer decode, no delay (ms) | {cfg} | {ms(r, 'online_ms_per_token')} | "
-                  f"{ms(r, 'plaintext_ms_per_token')} | {r['online_ms_per_token'] / r['plaintext_ms_per_token']:.2f}× |")
-            print(f"| ChatGLM-6B layer decode, 10 ms RTT, 1 Gbit/s (ms) | {cfg} | {ms(q, 'online_ms_per_token')} | "
-                  f"{ms(q, 'plaintext_ms_per_token')} | "
-                  f"+{q['online_ms_per_token'] - q['plaintext_ms_per_token']:.0f} ms |")
-            print(f"| ChatGLM-6B layer: hops / offline per decode step (ms) | {cfg} | {r['hops_per_layer']:.0f} hops, "
-                  f"offline {ms(r, 'offline_ms_per_token')} | | offline {r['offline_ms_per_token'] / r['online_ms_per_token']:.2f}× online |")
-            print(f"| online traffic per token, ChatGLM-6B shape (28 layers, context ≤ 128) | {cfg} | "
-                  f"{r['online_bytes_per_token'] / 1e6:.1f} MB | | of which selection + embedding "
-                  f"{r['selection_online_bytes'] / 1e6:.2f} MB |")
-    for dtype, route in (("float64", "12"), ("float64", "8"), ("float32", "8")):
-        r = res[f"smol {dtype} r{route}"]
-        cfg = f"{dtype}, {route}-hop"
-        print(f"| SmolLM2 decode per token (ms) | {cfg} | {ms(r, 'online_ms_per_token')} | "
-              f"{ms(r, 'plaintext_ms_per_token')} | {r['online_ms_per_token'] / r['plaintext_ms_per_token']:.2f}× |")
-        print(f"| SmolLM2 time to first token, 64-token prompt (ms) | {cfg} | {ms(r, 'ttft_ms')} | "
-              f"{ms(r, 'plaintext_ttft_ms')} | {r['ttft_ms'] / r['plaintext_ttft_ms']:.2f}× |")
-        print(f"| SmolLM2 offline per decode step (ms), hops per token | {cfg} | {ms(r, 'offline_ms_per_token')}, "
-              f"{r['hops_per_token']:.0f} hops | | offline {r['offline_ms_per_token'] / r['online_ms_per_token']:.2f}× "
-              f"online |")
-        print(f"| SmolLM2 traffic per token, online / offline | {cfg} | {r['online_bytes_per_token'] / 1e6:.2f} / "
-              f"{r['offline_bytes_per_token'] / 1e6:.1f} MB | | greedy ids identical: {r['greedy_identical']} |")
+
+CONFIGS = [("float64", "12"), ("float64", "8"), ("float32", "12"), ("float32", "8")]
+
+
+def table(res: dict[str, dict]) -> str:
+    """The README's table: one column per (dtype, route), the reference and the target."""
+    def row(figure: str, cell, ref: str, target: str) -> str:
+        return f"| {figure} | " + " | ".join(cell(d, r) for d, r in CONFIGS) + f" | {ref} | {target} |"
+
+    def glm(fmt):
+        return lambda d, r: fmt(res[f"glm {d} r{r}"], res[f"glm {d} r{r} rtt"])
+
+    def smol(fmt):
+        return lambda d, r: fmt(res[f"smol {d} r{r}"])
+
+    head = "| figure | " + " | ".join(f"{d}, {r}-hop" for d, r in CONFIGS) + " | reference | target |"
+    rows = [head, "|---" * (len(CONFIGS) + 3) + "|",
+            row("hops per decoder layer (decode)", glm(lambda r, q: f"{r['hops_per_layer']:.0f}"), "12", "≤ 8"),
+            row("ChatGLM-6B layer decode, no delay: online / plaintext (same dtype)",
+                glm(lambda r, q: f"{r['online_ms_per_token']:.0f} / {r['plaintext_ms_per_token']:.0f} ms = "
+                                 f"{r['online_ms_per_token'] / r['plaintext_ms_per_token']:.2f}×"),
+                "90 / 55 ms = 1.6× (float32)", "≤ 1.3×"),
+            row("ChatGLM-6B layer decode, 10 ms RTT, 1 Gbit/s: online − plaintext",
+                glm(lambda r, q: f"{q['online_ms_per_token']:.0f} − {q['plaintext_ms_per_token']:.0f} = "
+                                 f"+{q['online_ms_per_token'] - q['plaintext_ms_per_token']:.0f} ms"), "—", "≤ +45 ms"),
+            row("ChatGLM-6B layer: offline / online per decode step",
+                glm(lambda r, q: f"{r['offline_ms_per_token']:.0f} / {r['online_ms_per_token']:.0f} ms = "
+                                 f"{r['offline_ms_per_token'] / r['online_ms_per_token']:.1f}×"), "—", "≤ 3×"),
+            row("online traffic per token, ChatGLM-6B shape (28 layers, context ≤ 128)",
+                glm(lambda r, q: f"{r['online_bytes_per_token'] / 1e6:.1f} MB"), "18.9 MB (float32)", "≤ 10 MB"),
+            row("… of which token selection and next embedding",
+                glm(lambda r, q: f"{r['selection_online_bytes'] / 1e6:.2f} MB"), "≈ 4 MB", "—"),
+            row("SmolLM2 decode: online / plaintext per token",
+                smol(lambda r: f"{r['online_ms_per_token']:.0f} / {r['plaintext_ms_per_token']:.0f} ms = "
+                               f"{r['online_ms_per_token'] / r['plaintext_ms_per_token']:.1f}×"), "—", "≤ 3×"),
+            row("SmolLM2 time to first token, 64-token prompt (median of 3)",
+                smol(lambda r: f"{r['ttft_ms']:.0f} / {r['plaintext_ttft_ms']:.0f} ms = "
+                               f"{r['ttft_ms'] / r['plaintext_ttft_ms']:.1f}×"), "—", "≤ 3×"),
+            row("SmolLM2: offline / online per decode step",
+                smol(lambda r: f"{r['offline_ms_per_token']:.0f} / {r['online_ms_per_token']:.0f} ms = "
+                               f"{r['offline_ms_per_token'] / r['online_ms_per_token']:.1f}×"), "—", "≤ 3×"),
+            row("SmolLM2 hops per token (30 layers)", smol(lambda r: f"{r['hops_per_token']:.0f}"), "—",
+                "≤ 8·L + 6 = 246"),
+            row("SmolLM2 traffic per token: online / offline",
+                smol(lambda r: f"{r['online_bytes_per_token'] / 1e6:.2f} / {r['offline_bytes_per_token'] / 1e6:.1f} MB"),
+                "—", "—"),
+            row("SmolLM2 greedy ids identical to transformers (16 tokens)",
+                smol(lambda r: "yes" if r["greedy_identical"] else "**no**"), "—", "identical"),
+            row("ChatGLM-6B layer: max abs error of the prefill output",
+                glm(lambda r, q: f"{r['prefill_max_abs_err']:.0e}"), "≈ 1e-3 (float32)", "—")]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
