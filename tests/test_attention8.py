@@ -14,19 +14,17 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import permllm
-from permllm.model import Forward, LoadedModel, PlainOps, PrivateOps, StepShape, calibrate, from_chatglm, load_model
+from permllm.model import Forward, LoadedModel, PlainOps, PrivateOps, StepShape, calibrate, load_model
 from permllm.model.arch import Arch
-from permllm.model.chatglm_ref import ChatGLMConfig, ChatGLMRef, init_weights
 from permllm.model.forward import weight_names
 from permllm.model.layout import rope, split_heads
 from permllm.protocols import Role, ShareConfig, functions as F, matmul_shared, setup_weight
 from permllm.protocols.attention import AttnMags, AttnSpec, _W, attention_decode
 from permllm.runtime import DealtInput, local_trio, run_offline, run_online, run_setup
 
-from .test_generation import _llama_dir, hf_greedy
+from .test_generation import _llama_dir, _reduced_chatglm, hf_greedy
 
 rng = np.random.default_rng(11)
 
@@ -247,10 +245,7 @@ async def test_random_llama_greedy_route8(tmp_path):
 
 
 async def test_reduced_chatglm_greedy_route8():
-    cfg = ChatGLMConfig.reduced()
-    tensors = init_weights(cfg, seed=3, dtype=torch.float64)
-    ref = ChatGLMRef(cfg, tensors)
-    lm = LoadedModel(from_chatglm(cfg, tensors), None, "chatglm-reduced")
+    lm, ref = _reduced_chatglm()
     prompt = [5, 17, 42, 99, 123, 250, 7]
     assert await _route8_ids(lm, prompt, 10) == ref.generate(prompt, 10)
 
@@ -260,8 +255,7 @@ async def test_routes_must_agree():
     from permllm.protocols import ProtocolError
     from permllm.runtime.session import HelperSession, ModelSession, UserSession
     from permllm.runtime import gather_fail_fast
-    cfg = ChatGLMConfig.reduced()
-    lm = LoadedModel(from_chatglm(cfg, init_weights(cfg, seed=3, dtype=torch.float64)), None, "chatglm-reduced")
+    lm, _ = _reduced_chatglm()
     trio = await local_trio("memory", ShareConfig(), seeds=False)
     trio.user.config = ShareConfig(route="8")
     try:

@@ -106,11 +106,15 @@ async def test_random_gpt2_matches_transformers(tmp_path):
     assert await private_ids(lm, prompt, 12, transport="tcp") == hf_greedy(hf, prompt, 12)
 
 
-async def test_reduced_chatglm_matches_reference():
+def _reduced_chatglm() -> tuple[LoadedModel, ChatGLMRef]:
+    """A reduced random ChatGLM-6B and its independent plaintext reference."""
     cfg = ChatGLMConfig.reduced()
     tensors = init_weights(cfg, seed=3, dtype=torch.float64)
-    ref = ChatGLMRef(cfg, tensors)
-    lm = LoadedModel(from_chatglm(cfg, tensors), None, "chatglm-reduced")
+    return LoadedModel(from_chatglm(cfg, tensors), None, "chatglm-reduced"), ChatGLMRef(cfg, tensors)
+
+
+async def test_reduced_chatglm_matches_reference():
+    lm, ref = _reduced_chatglm()
     prompt = [5, 17, 42, 99, 123, 250, 7]
     assert await private_ids(lm, prompt, 10) == ref.generate(prompt, 10)
 

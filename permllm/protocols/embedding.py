@@ -30,7 +30,6 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
     """[E[ids]] for ``n_tokens`` ids known to U only (U passes them online; others pass None)."""
     oh = name + ".onehot"
     half = int(p.ratio) // 2
-
     wire = _wire_dtype(p.ratio)
 
     def mask() -> np.ndarray:
@@ -57,9 +56,8 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         x = r  # online the linear needs only U's share's shape
     elif p.is_model:
         d = await p.recv(Role.USER, p.tag("embed", oh, "u"))
-        if not (isinstance(d, np.ndarray) and d.dtype == _wire_dtype(p.ratio) and d.shape == (n_tokens, vocab)):
-            raise ProtocolError(f"embed {name!r}: expected a ({n_tokens}, {vocab}) "
-                                f"{_wire_dtype(p.ratio).name} array from the user")
+        if not (isinstance(d, np.ndarray) and d.dtype == wire and d.shape == (n_tokens, vocab)):
+            raise ProtocolError(f"embed {name!r}: expected a ({n_tokens}, {vocab}) {wire.name} array from the user")
         x = d.astype(p.dtype)
     else:
         raise ProtocolError(f"embed {name!r}: the helper has no online branch")

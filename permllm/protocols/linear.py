@@ -15,7 +15,7 @@ message U → M.
 
 Batches (dealt mode): U's and H's offline products are the whole offline cost, and a
 decode step's product is a matrix-vector one that reads every weight for one row. Between
-:func:`open_dealt_batch` and :func:`close_dealt_batch` U and H defer them: each linear
+the start and end of a :func:`dealt_batch` block U and H defer them: each linear
 returns U's share r at once (the graph needs nothing else), and the close computes one
 product per op over the rows of all the batch's tokens (each weight read once), then
 sends each token's message. M's branch is unchanged; it waits for the messages.
@@ -27,16 +27,17 @@ online phase is the same.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import numpy as np
 
 from . import he_matmul
 from .party import Party, ProtocolError, Role
 
-__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "open_dealt_batch", "close_dealt_batch",
-           "abort_dealt_batch"]
+__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "dealt_batch"]
 
 WeightKind = str  # "dense": x @ W.T (W: out×in) · "transposed": x @ W (W: in×out) · "diag": x * w
 SETUP_CHUNK = 1 << 22  # elements per setup message (32 MiB in float64)
@@ -253,28 +254,25 @@ class _DealtBatch:
         rows.append((token, np.asarray(x)))
 
 
-def open_dealt_batch(p: Party, tokens: list[int]) -> None:
-    """U and H (dealt mode): defer the offline products of ``tokens`` until :func:`close_dealt_batch`."""
+@contextlib.asynccontextmanager
+async def dealt_batch(p: Party, tokens: list[int]) -> AsyncIterator[None]:
+    """Run the offline steps of ``tokens`` (increasing) inside: U and H (dealt mode) defer their
+    products and, when the block ends without error, compute them once per op over all rows and
+    send each token's message. A no-op at M and in the light mode."""
+    if p.config.offline != "dealer" or p.is_model:
+        yield
+        return
     if not tokens or any(b <= a for a, b in zip(tokens, tokens[1:])):
         raise ValueError(f"a batch needs increasing tokens, got {tokens}")
     if p.store.get(DEALT_KEY) is not None:
         raise ProtocolError(f"{p.role.value}: a dealt batch is already open")
-    p.store[DEALT_KEY] = _DealtBatch(list(tokens))
-
-
-async def close_dealt_batch(p: Party) -> None:
-    """Compute the open batch's products, one per op over all its rows, and send each token's message."""
-    batch: _DealtBatch | None = p.store.get(DEALT_KEY)
-    if batch is None:
-        raise ProtocolError(f"{p.role.value}: no dealt batch is open")
-    for op, rows in batch.ops.values():
-        await _send_products(p, op, rows)
-    p.store.pop(DEALT_KEY, None)
-
-
-def abort_dealt_batch(p: Party) -> None:
-    """Drop the open batch, if any (after a failure or a cancellation)."""
-    p.store.pop(DEALT_KEY, None)
+    batch = p.store[DEALT_KEY] = _DealtBatch(list(tokens))
+    try:
+        yield
+        for op, rows in batch.ops.values():
+            await _send_products(p, op, rows)
+    finally:
+        p.store.pop(DEALT_KEY, None)
 
 
 async def _send_products(p: Party, op: _Deferred, rows: list[tuple[int, np.ndarray]]) -> None:

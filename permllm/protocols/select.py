@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .party import Party, ProtocolError, Role
+from .party import Party, ProtocolError, Role, check_array
 from .permute import _perm, permute_reveal
 from .sampling import Sampler, choose
 
@@ -80,8 +80,7 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
             p.send(Role.USER, p.tag("pir", name, "table"), tau)
         elif p.is_user:
             tau = await p.recv(Role.HELPER, p.tag("pir", name, "table"))
-            if not (isinstance(tau, np.ndarray) and tau.dtype == dt and tau.shape == (length,)):
-                raise ProtocolError(f"retrieve {name!r}: expected the helper's table of {length} {dt} entries")
+            check_array(tau, dt, (length,), f"retrieve {name!r}: the helper's table")
             p.keep(name + "/table", tau)
         return None
     if p.phase != "online":
@@ -93,11 +92,12 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
         if index is None or not 0 <= int(index) < length:
             raise ValueError(f"retrieve {name!r}: index {index} not in [0, {length})")
         tau = p.take(name + "/table")
-        p.send(Role.MODEL, tag_q, (int(index) - _offset(p, name, length)) % length)
+        j = (int(index) - _offset(p, name, length)) % length
+        p.send(Role.MODEL, tag_q, j)
         k = await p.recv(Role.MODEL, tag_a)
         if not (isinstance(k, int) and 0 <= k <= np.iinfo(dt).max):
             raise ProtocolError(f"retrieve {name!r}: expected a pad entry (an integer) from the model party")
-        out = int(tau[(int(index) - _offset(p, name, length)) % length]) ^ k
+        out = int(tau[j]) ^ k
         if out >= length:
             raise ProtocolError(f"retrieve {name!r}: the retrieved entry {out} is not below {length}")
         return out

@@ -26,7 +26,7 @@ import numpy as np
 from ..net import LinkEmulator
 from ..protocols import Sampler, ShareConfig, select_token, setup_weight
 from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_online, run_setup
-from .session import DEALT_BATCH
+from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
 
 __all__ = ["KEYS", "bench_smollm2", "bench_chatglm_layer"]
@@ -190,8 +190,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
                 return await fwd.layer(ops, 0, inputs[step].of(p), shapes[step])
             return graph
         # The offline phase as a session runs it: the prefill alone, then batches of decode steps.
-        batches = [[0]] + [list(range(i, min(i + DEALT_BATCH, tokens + 1))) for i in range(1, tokens + 1, DEALT_BATCH)]
-        for batch in batches:
+        for batch in offline_batches(tokens + 1, DEALT_BATCH):
             for p in trio.parties:
                 p.meter.reset()
             t0 = time.perf_counter()

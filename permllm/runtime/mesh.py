@@ -17,7 +17,7 @@ import numpy as np
 
 from ..net import Channel, LinkEmulator, Meter, memory_pair, open_channel, tcp_connect, tcp_serve
 from ..protocols import Party, Role, ShareConfig
-from ..protocols.linear import abort_dealt_batch, close_dealt_batch, open_dealt_batch
+from ..protocols.linear import dealt_batch
 
 __all__ = ["Trio", "local_trio", "run_setup", "run_offline", "run_offline_batch", "run_online", "gather_fail_fast", "DealtInput"]
 
@@ -145,16 +145,9 @@ async def run_offline_batch(trio: Trio, graphs: list[tuple[int, Graph]]) -> None
     tokens = [t for t, _ in graphs]
 
     async def run(p: Party) -> None:
-        batched = p.config.offline == "dealer" and not p.is_model
-        if batched:
-            open_dealt_batch(p, tokens)
-        try:
+        async with dealt_batch(p, tokens):
             for token, graph in graphs:
                 await graph(p.view("offline", token))
-            if batched:
-                await close_dealt_batch(p)
-        finally:
-            abort_dealt_batch(p)
     await gather_fail_fast([run(p) for p in trio.parties])
 
 

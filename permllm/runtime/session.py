@@ -35,12 +35,13 @@ import numpy as np
 
 from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
 from ..protocols import Party, ProtocolError, Role, setup_weight
-from ..protocols.linear import abort_dealt_batch, close_dealt_batch, open_dealt_batch
+from ..protocols.linear import dealt_batch
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
 from ..protocols.select import select_token
 
 __all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "DEALT_BATCH",
+           "offline_batches",
            "LIGHT_FIRST", "LIGHT_BATCH"]
 
 OFFLINE_AHEAD = 8  # tokens the offline phase may run ahead of the online phase
@@ -109,22 +110,14 @@ class _Party:
             return await self.offline_light(g, ready, window)
         self.offline_step_s = [0.0] * g.max_new
         batched = self.p.config.offline == "dealer" and not self.p.is_model
-        size = max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1
-        batches = [[0]] + [list(range(i, min(i + size, g.max_new))) for i in range(1, g.max_new, size)]
-        for batch in batches:
+        for batch in offline_batches(g.max_new, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1):
             if window is not None:
                 for _ in batch:
                     await window.acquire()
             t0 = time.perf_counter()
-            if batched:
-                open_dealt_batch(self.p, [g.base + s for s in batch])
-            try:
+            async with dealt_batch(self.p, [g.base + s for s in batch]):
                 for step in batch:
                     await self.step("offline", g, step, None, None, Sampler())
-                if batched:
-                    await close_dealt_batch(self.p)
-            finally:
-                abort_dealt_batch(self.p)
             self._timed(batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
@@ -207,6 +200,11 @@ class _Party:
         self.gens += 1
         self.next_token += g.max_new
         return g
+
+
+def offline_batches(steps: int, size: int) -> list[list[int]]:
+    """The dealt mode's offline batches of a generation: the prefill alone, then ``size`` steps each."""
+    return [[0]] + [list(range(i, min(i + size, steps))) for i in range(1, steps, size)]
 
 
 def _light_ahead(max_new: int) -> int:
