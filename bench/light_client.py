@@ -3,20 +3,21 @@
 For each mode it starts a helper daemon and a model-party daemon (loopback TCP,
 ``--insecure``) and runs the user party in a process of its own (``permllm.connect``,
 which loads only the tokenizer), generating greedily from "What is the capital of
-France?" (chat template). The user process reports:
+France?" (chat template). Both modes' processes run at once and take turns: each user
+process first runs one generation (the dealt mode's, then the light mode's) and reports
 
-* its peak RSS (``ru_maxrss``), after the setup and at the end;
+* its peak RSS (``ru_maxrss``), after the setup and after that generation;
 * the bytes it received in the setup phase;
 * offline seconds per token (its offline phase, wall time, over the generated tokens);
 * online seconds per token: the online steps' own time, over the generated tokens
   (the prefill step included). The dealt mode runs the offline phase ahead of the
-  online one in a window, so its online steps share the CPU with offline work; both
-  modes are therefore also measured with the offline phase done first (the fair
-  comparison: two more generations in the same user process, after the peak RSS is
-  read). The target compares the median decode step: on this VM memory left untouched
-  for minutes (the model party's weights during the light mode's long offline phase)
-  is slow to touch again, which inflates the first online steps after it and whichever
-  step a host-side stall hits; the mean with the prefill is printed as well.
+  online one in a window, so its online steps share the CPU with offline work.
+
+Then the fair comparison of the online phases: generations with the offline phase done
+first, in the order dealt, light, light, dealt (:data:`ROUNDS`) so that the slow drifts
+of this shared machine fall on both modes alike. The target compares the median decode
+step of those generations; on this VM host-side stalls inflate single steps (by up to
+2× in either mode), so the lower quartile and the mean with the prefill are printed too;
 
 and the token ids, compared here with transformers' greedy ids (float32, same run).
 ``--precision`` also measures the CKKS products on SmolLM2's own weights and mask
@@ -41,8 +42,16 @@ FRANCE = "What is the capital of France?"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-async def _user(model_party: str, helper: str, offline: str, tokens: int, again: int) -> dict:
-    """The user process: one generation, then ``again`` more with the offline phase first."""
+MARK = "@permllm-bench "  # prefixes the user process's report lines on its stdout
+
+
+def _report(obj: object) -> None:
+    print(MARK + json.dumps(obj), flush=True)
+
+
+async def _user(model_party: str, helper: str, offline: str, tokens: int) -> None:
+    """The user process: on "first", connect and run one generation (peak RSS, setup bytes, offline
+    cost); on each "again", one more with the offline phase done first (its online step times)."""
     import resource
 
     import permllm
@@ -51,6 +60,11 @@ async def _user(model_party: str, helper: str, offline: str, tokens: int, again:
     def rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    async def command() -> str:
+        return (await asyncio.to_thread(sys.stdin.readline)).strip()
+
+    if await command() != "first":
+        return
     settings = load_config("user", overrides={"insecure": True, "limits.message_timeout": 3600.0})
     t0 = time.perf_counter()
     session = await permllm.connect(model_party, helper, settings=settings, offline=offline)
@@ -68,12 +82,10 @@ async def _user(model_party: str, helper: str, offline: str, tokens: int, again:
                    prefill_s=r.step_s[0], decode_s_per_token=sum(r.step_s[1:]) / max(n - 1, 1),
                    offline_sent=off.bytes_sent - off0.bytes_sent, offline_recv=off.bytes_recv - off0.bytes_recv,
                    online_bytes=r.online_bytes)
-        runs = []
-        for _ in range(again):
-            [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
-            runs.append(list(session.last.step_s))
-        out["online_steps_offline_first"] = runs
-    return out
+        _report(out)
+        while await command() == "again":
+            again = [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
+            _report({"step_s": list(session.last.step_s), "same_ids": again == got})
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
@@ -87,25 +99,65 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
     return p, m.group(1)
 
 
-def run_mode(offline: str, tokens: int) -> dict:
-    """Daemons for ``offline``, then the user in its own process; returns what it reported."""
-    flags = ["--insecure", "--listen", "127.0.0.1:0", "--offline", offline, "--message-timeout", "3600"]
-    helper, h_addr = _start(["serve", "helper", *flags])
-    try:
-        model, m_addr = _start(["serve", "model", *flags, "--helper", h_addr])
+class Mode:
+    """One mode's helper and model-party daemons (loopback TCP, ``--insecure``) and its user process."""
+
+    def __init__(self, offline: str, tokens: int) -> None:
+        self.offline = offline
+        self.procs: list[subprocess.Popen] = []
+        flags = ["--insecure", "--listen", "127.0.0.1:0", "--offline", offline, "--message-timeout", "3600"]
         try:
-            cmd = [sys.executable, __file__, "--user", m_addr, h_addr, "--offline", offline, "--tokens", str(tokens),
-                   "--again", "2"]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=7200)
-            if out.returncode != 0:
-                raise RuntimeError(f"user process ({offline}) failed: {out.stderr[-3000:]}")
-            return json.loads(out.stdout.strip().splitlines()[-1])
-        finally:
-            model.terminate()
-            model.wait(timeout=60)
+            helper, h_addr = _start(["serve", "helper", *flags])
+            self.procs.append(helper)
+            model, m_addr = _start(["serve", "model", *flags, "--helper", h_addr])
+            self.procs.append(model)
+            self.user = subprocess.Popen([sys.executable, __file__, "--user", m_addr, h_addr, "--offline", offline,
+                                          "--tokens", str(tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, env=ENV)
+            self.procs.insert(0, self.user)
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, command: str) -> dict:
+        """Send the user process a command; its report."""
+        assert self.user.stdin is not None and self.user.stdout is not None
+        self.user.stdin.write(command + "\n")
+        self.user.stdin.flush()
+        for line in self.user.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        raise RuntimeError(f"the {self.offline} user process ended (exit status {self.user.wait()})")
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+ROUNDS = ("dealer", "he", "he", "dealer")  # offline-first generations, ABBA: drifts of the machine cancel
+
+
+def run_modes(tokens: int) -> dict:
+    """Both modes' daemons and user processes at once; first generations in turn, then ROUNDS."""
+    modes: dict[str, Mode] = {}
+    try:
+        for m in ("dealer", "he"):
+            modes[m] = Mode(m, tokens)
+        res = {m: modes[m].ask("first") for m in modes}
+        for m in ROUNDS:
+            again = modes[m].ask("again")
+            res[m].setdefault("online_steps_offline_first", []).append(again["step_s"])
+            res[m].setdefault("again_same_ids", []).append(again["same_ids"])
+        return res
     finally:
-        helper.terminate()
-        helper.wait(timeout=60)
+        for mode in modes.values():
+            mode.close()
 
 
 def precision() -> list[dict]:
@@ -164,12 +216,11 @@ def main() -> None:
     ap.add_argument("--save", metavar="FILE", help="also write the JSON report to FILE")
     ap.add_argument("--user", nargs=2, metavar=("MODEL_PARTY", "HELPER"), help=argparse.SUPPRESS)
     ap.add_argument("--offline", default="he", help=argparse.SUPPRESS)
-    ap.add_argument("--again", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.user:
-        print(json.dumps(asyncio.run(_user(*a.user, a.offline, a.tokens, a.again))))
+        asyncio.run(_user(*a.user, a.offline, a.tokens))
         return
-    res = {m: run_mode(m, a.tokens) for m in ("dealer", "he")}
+    res = run_modes(a.tokens)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -180,11 +231,12 @@ def main() -> None:
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=a.tokens, do_sample=False, eos_token_id=None,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
     for r in res.values():
-        r["identical"] = r["token_ids"] == want
+        r["identical"] = r["token_ids"] == want and all(r["again_same_ids"])
         steps = [s for run in r["online_steps_offline_first"] for s in run]
         decode = [s for run in r["online_steps_offline_first"] for s in run[1:]]
         r["online_s_per_token_offline_first"] = sum(steps) / len(steps)
         r["decode_s_median_offline_first"] = float(np.median(decode))
+        r["decode_s_p25_offline_first"] = float(np.percentile(decode, 25))
     report = {"tokens": a.tokens, "prompt_tokens": len(prompt), "modes": res}
     if a.precision:
         report["precision"] = precision()
@@ -205,8 +257,10 @@ def main() -> None:
           f"{h['offline_s_per_token'] / d['offline_s_per_token']:.0f}× |")
     on_d, on_h = d["online_s_per_token_offline_first"], h["online_s_per_token_offline_first"]
     med_d, med_h = d["decode_s_median_offline_first"], h["decode_s_median_offline_first"]
-    print(f"| online s/token, median decode step (offline phase done first; 2 generations) | {med_d:.3f} | "
-          f"{med_h:.3f} | {med_h / med_d:.2f} |")
+    q_d, q_h = d["decode_s_p25_offline_first"], h["decode_s_p25_offline_first"]
+    print(f"| online s/token, median decode step (offline phase done first; {len(ROUNDS) // 2} generations each, "
+          f"interleaved) | {med_d:.3f} | {med_h:.3f} | {med_h / med_d:.2f} |")
+    print(f"| online s/token, lower quartile of the same decode steps | {q_d:.3f} | {q_h:.3f} | {q_h / q_d:.2f} |")
     print(f"| online s/token, mean with the prefill (same generations) | {on_d:.3f} | {on_h:.3f} | "
           f"{on_h / on_d:.2f} |")
     print(f"| online s/token (first generation: dealt offline running ahead, light in batches) | "

@@ -6,12 +6,15 @@ state, receive only public numbers in the setup, and leave the online phase unch
 """
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import numpy as np
 import pytest
 
 import permllm
 from permllm.model import load_model
-from permllm.protocols import ShareConfig
+from permllm.protocols import Party, ShareConfig
 from permllm.protocols.he_matmul import BATCH_KEY, CKKS_KEY
 from permllm.runtime import local_trio
 from permllm.runtime import session as S
@@ -68,3 +71,31 @@ async def test_parties_must_agree_on_the_offline_mode(tmp_path):
             await permllm.runtime.gather_fail_fast([ms.setup(), us.setup(), hs.setup()])
     finally:
         await trio.close()
+
+
+async def test_light_user_draws_decode_masks_after_the_exchange_and_forgets_unused_state(tmp_path, monkeypatch):
+    """Decode steps find U's masks drawn after their batch's HE exchange (none drawn online, the
+    prefill's are); a generation that stops early leaves no per-token state at U or M."""
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42, 99]
+    drawn: Counter = Counter()
+    mask = Party.mask
+
+    def counted(self, *args, **kwargs):
+        if self.is_user and self.phase == "online":
+            drawn[self.token] += 1
+        return mask(self, *args, **kwargs)
+
+    monkeypatch.setattr(Party, "mask", counted)
+    want = hf_greedy(hf, prompt, 6)
+    async with await permllm.local(lm, offline="he") as s:
+        user, model = s.trio.user, s.trio.model
+        assert [t async for t in s.generate_ids(prompt, 6, stop_at_eos=False)] == want
+        assert drawn[0] > 0 and all(drawn[t] == 0 for t in range(1, 6))
+        s._user.arch = dataclasses.replace(s._user.arch, eos_ids=(want[2],))
+        assert [t async for t in s.generate_ids(prompt, 6)] == hf_greedy(hf, prompt, 3)  # stops after 3 of 6
+        assert [t async for t in s.generate_ids(prompt, 1)] == want[:1]  # M has ended the last one by now
+        for p in (user, model):
+            left = [k for k in p.store if type(k[1]) is int and k[1] >= 0]
+            assert not left, f"{p.role.value} kept {left[:3]}"

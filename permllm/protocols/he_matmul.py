@@ -786,8 +786,12 @@ async def offline_product(p: Party, name: str, x: np.ndarray | None, W: np.ndarr
 
 
 def user_share(p: Party, name: str, rows: int, n_out: int, mag_out: Any) -> np.ndarray:
-    """U's output share r of a light-mode linear: regenerated from s_UH (never stored)."""
-    return p.mask("uh", name, "r", (rows, n_out), p.ratio * mag_out)
+    """U's output share r of a light-mode linear, from s_UH: drawn offline (and planned), again online."""
+    shape, width = (rows, n_out), p.ratio * mag_out
+    if p.phase == "offline":
+        p.plan_mask("uh", name, "r", shape, width)
+        return p.mask("uh", name, "r", shape, width)
+    return p.mask_again("uh", name, "r", shape, width)
 
 
 def _parts(n: int) -> list[range]:

@@ -19,7 +19,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, AsyncIterator, Callable, Mapping, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,7 @@ T = TypeVar("T")
 # Work above this many multiply-adds runs in a worker thread so the event loop keeps
 # serving messages of other ops (numpy releases the GIL in BLAS calls).
 THREAD_WORK = 1 << 20
+PLAN_KEY = ("mask-plan", -1)  # store entry of the open mask plan (light-mode U)
 
 
 class Role(str, Enum):
@@ -135,6 +136,51 @@ class Party:
         """A uniform mask of the given width (a scalar, or per last-axis column) from the
         (which, name, token, purpose) stream."""
         return uniform_mask(self.gen(which, name, purpose), tuple(shape), width, self.dtype)
+
+    # -- masks a light-mode user draws twice ---------------------------------------------
+    # The light client keeps no correlations between its offline and online phases: it
+    # draws its s_UH masks again online. For the steps of a *mask plan* (the decode steps
+    # of the current offline batch: one row each) it records them offline and draws them
+    # once the batch's HE exchange is over, so they never share memory with its
+    # ciphertexts, and its online steps only look them up.
+    def open_mask_plan(self, tokens: Iterable[int]) -> None:
+        """Record the masks the offline steps of ``tokens`` ask for with :meth:`plan_mask`."""
+        self.store[PLAN_KEY] = (frozenset(tokens), [])
+
+    def plan_mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
+                  width: float | np.ndarray) -> None:
+        """Offline: note a mask :meth:`mask_again` will ask for online (if a plan covers this token)."""
+        plan = self.store.get(PLAN_KEY)
+        if plan is not None and self.token in plan[0]:
+            plan[1].append((self.token, which, name, purpose, tuple(shape), width))
+
+    async def draw_mask_plan(self) -> None:
+        """Draw the planned masks (yielding to the event loop after each token's) and close the plan."""
+        plan = self.store.pop(PLAN_KEY, None)
+        if plan is None:
+            return
+        token = None
+        for t, which, name, purpose, shape, width in plan[1]:
+            if t != token:
+                await asyncio.sleep(0)
+                token, view = t, self.view(self.phase, t)
+            self.store[(f"{name}#{purpose}", t)] = view.mask(which, name, purpose, shape, width)
+
+    def mask_again(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
+                   width: float | np.ndarray) -> np.ndarray:
+        """Online: the mask :meth:`mask` gave offline — drawn ahead by the plan, else drawn now."""
+        got = self.store.pop((f"{name}#{purpose}", self.token), None)
+        if got is None:
+            return self.mask(which, name, purpose, shape, width)
+        if got.shape != tuple(shape):
+            raise ProtocolError(f"{self.role.value}: planned mask {name!r}/{purpose} has shape {got.shape}, "
+                                f"the op asks for {tuple(shape)}")
+        return got
+
+    def forget(self, tokens: range) -> None:
+        """Drop what the offline phase kept for ``tokens`` (a generation that stopped early)."""
+        for key in [k for k in self.store if len(k) == 2 and type(k[1]) is int and k[1] in tokens]:
+            del self.store[key]
 
     # -- messages ---------------------------------------------------------------------
     def tag(self, kind: str, name: str, part: str) -> tuple:

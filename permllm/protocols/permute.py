@@ -14,7 +14,8 @@ the last axis of each row independently ("rows", for softmax and norms), where e
 row may have a valid prefix (a causal mask) that π keeps in front.
 
 In the light mode (``config.offline == "he"``) U keeps none of its masks b, a′, b′
-between the phases: it draws them again online from the same s_UH streams.
+from its offline steps: it draws them again from the same s_UH streams, for decode
+steps when their batch's HE exchange is over (:meth:`Party.open_mask_plan`), else online.
 """
 from __future__ import annotations
 
@@ -98,8 +99,10 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             p.keep(name + "/reveal", (deltas, pi))
             return None
         shp = tuple(xs[0].shape)
-        if p.is_user and p.config.offline == "he":
-            return None  # the light client keeps no per-token state: it draws b again online
+        if p.is_user and p.config.offline == "he":  # the light client draws b again online
+            for i, m in enumerate(mags):
+                p.plan_mask("uh", name, f"b{i}", shp, R * m)
+            return None
         bs = [p.mask("uh", name, f"b{i}", shp, R * m) for i, m in enumerate(mags)]
         if p.is_user:
             p.keep(name + "/reveal", bs)
@@ -124,7 +127,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         if p.config.offline == "he":
             if xs[0] is None:
                 raise ProtocolError(f"permute_reveal {name!r}: the user must pass its shares")
-            bs = [p.mask("uh", name, f"b{i}", tuple(xs[0].shape), R * m) for i, m in enumerate(mags)]
+            bs = [p.mask_again("uh", name, f"b{i}", tuple(xs[0].shape), R * m) for i, m in enumerate(mags)]
         else:
             bs = p.take(name + "/reveal")
         ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"))
@@ -142,13 +145,15 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
 async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: float,
                             mode: str = "flat", valid: np.ndarray | None = None,
                             shape: tuple[int, ...] | None = None,
-                            mag_share: float | np.ndarray | None = None) -> np.ndarray | None:
+                            mag_share: float | np.ndarray | None = None,
+                            a_ahead: np.ndarray | None = None) -> np.ndarray | None:
     """Share U's clear permuted ``y`` again and undo π; 1 hop U → M.
 
     Offline, U and H pass ``shape`` (y's shape). Returns the new share: M gets
     π⁻¹(y′ − a′) + γ = y − b′, U gets b′ (H-derivable). ``mag`` bounds |y| (a′ lives in
     permuted space, so its width is uniform); ``mag_share`` may give b′ a width per
-    column of y (default ``mag``).
+    column of y (default ``mag``). A light-mode U may pass a′ drawn ahead (``a_ahead``,
+    from :func:`apply_permuted`).
 
     Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
     their combination y − b′ stays hidden by b′. H learns nothing.
@@ -161,26 +166,32 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             return None
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
-        b = p.mask("uh", name, "b'", shape, R * (mag if mag_share is None else mag_share))
+        b = _b_mask(p, name, shape, mag if mag_share is None else mag_share)
         if p.is_user:
-            if p.config.offline != "he":  # the light client draws a′ and b′ again online
-                p.keep(name + "/unperm", (p.mask("uh", name, "a'", shape, R * mag), b))
+            if p.config.offline == "he":  # the light client draws a′ and b′ again online
+                p.plan_mask("uh", name, "a'", shape, R * mag)
+                p.plan_mask("uh", name, "b'", shape, R * (mag if mag_share is None else mag_share))
+            else:
+                p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))
         else:
-            a = p.mask("uh", name, "a'", shape, R * mag)
+            a = _a_mask(p, name, shape, mag)
             pi = _perm(p, name, tuple(shape), mode, valid)
             p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
         return b
     if p.is_user:
-        if p.config.offline == "he":
+        light = p.config.offline == "he"
+        if light:
             if y is None:
                 raise ProtocolError(f"reshare_unpermute {name!r}: the user must pass its output")
-            a = p.mask("uh", name, "a'", y.shape, R * mag)
-            b = p.mask("uh", name, "b'", y.shape, R * (mag if mag_share is None else mag_share))
+            a = _a_mask(p, name, y.shape, mag, again=True) if a_ahead is None else a_ahead
+            b = None
         else:
             a, b = p.take(name + "/unperm")
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         p.send(Role.MODEL, p.tag("unperm", name, "y"), np.asarray(y, dtype=p.dtype) - a)
+        if light:  # drawn after the message has left: off the online critical path
+            b = _b_mask(p, name, y.shape, mag if mag_share is None else mag_share, again=True)
         return b
     if p.is_model:
         gamma = p.take(name + "/unperm")
@@ -203,6 +214,20 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
     Learns: U learns π(x₀), π(x₁), … and f of them; M and H learn nothing.
     """
     shp = tuple(shape) if shape is not None else tuple(xs[0].shape)  # type: ignore[union-attr]
+    # A light-mode U draws a′ now, while M computes what it reveals, not between M's message and its answer.
+    light_u = p.is_user and p.phase == "online" and p.config.offline == "he"
+    a = _a_mask(p, name, shp, mag_out, again=True) if light_u else None
     clear = await permute_reveal(p, name, xs, mags=mags_in, mode=mode, valid=valid, shape=shp)
     y = f(*clear) if clear is not None else None
-    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share)
+    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share,
+                                   a_ahead=a)
+
+
+def _a_mask(p: Party, name: str, shape: tuple[int, ...], mag: float, again: bool = False) -> np.ndarray:
+    """a′ of :func:`reshare_unpermute` from s_UH (U and H offline; ``again``: a light-mode U online)."""
+    return (p.mask_again if again else p.mask)("uh", name, "a'", tuple(shape), p.ratio * mag)
+
+
+def _b_mask(p: Party, name: str, shape: tuple[int, ...], mag: float | np.ndarray, again: bool = False) -> np.ndarray:
+    """b′ of :func:`reshare_unpermute` (U's new share) from s_UH (``again``: a light-mode U online)."""
+    return (p.mask_again if again else p.mask)("uh", name, "b'", tuple(shape), p.ratio * mag)

@@ -16,7 +16,8 @@ branch of the protocol ops. The life of a session:
      prefill with the first decode steps (:data:`LIGHT_FIRST` steps), then runs of up
      to :data:`LIGHT_BATCH` steps — each batch's linear ops in one exchange per op, and
      a batch starts once the online phase has used the previous one (U's memory holds
-     one batch).
+     one batch: once its HE exchange is over, the masks of its decode steps, so that
+     U's online steps need not draw them).
    * **online** — M and U run each step: embedding, layers, final norm, head, and
      private token selection; U learns the token and tells M whether to go on.
 
@@ -36,6 +37,7 @@ import numpy as np
 from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
 from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols.linear import dealt_batch
+from ..protocols.party import PLAN_KEY
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
 from ..protocols.select import select_token
@@ -152,12 +154,16 @@ class _Party:
                     window.release()
             t0 = time.perf_counter()
             he_matmul.open_batch(self.p, [g.base + s for s in batch])
+            if self.p.is_user:  # U's masks of the decode steps, drawn after the exchange (Party.open_mask_plan)
+                self.p.open_mask_plan(g.base + s for s in batch if s > 0)
             try:
                 for step in batch:
                     await self.step("offline", g, step, None, None, Sampler())
                 await he_matmul.close_batch(self.p)
+                await self.p.draw_mask_plan()
             finally:
                 he_matmul.abort_batch(self.p)
+                self.p.store.pop(PLAN_KEY, None)
             self._timed(batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
@@ -259,6 +265,7 @@ class ModelSession(_Party):
                         break
             finally:
                 await _cancel(off)
+                self.p.forget(range(g.base, g.base + g.max_new))
 
 
 async def _first(wait: object, task: asyncio.Task) -> None:
@@ -365,6 +372,7 @@ class UserSession(_Party):
                 ids = [tok]
         finally:
             await _cancel(off)
+            p.forget(range(g.base, g.base + g.max_new))
 
     async def close(self) -> None:
         """End the session: M and H stop serving it."""
