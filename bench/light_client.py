@@ -6,7 +6,9 @@ which loads only the tokenizer), generating greedily from "What is the capital o
 France?" (chat template). Both modes' processes run at once and take turns: each user
 process first runs one generation (the dealt mode's, then the light mode's) and reports
 
-* its peak RSS (``ru_maxrss``), after the setup and after that generation;
+* its peak RSS (``ru_maxrss``), after the setup and after that generation (and, at the
+  end, after the offline-first generations below, which hold a whole generation's
+  offline state at once);
 * the bytes it received in the setup phase;
 * offline seconds per token (its offline phase, wall time, over the generated tokens);
 * online seconds per token: the online steps' own time, over the generated tokens
@@ -85,7 +87,7 @@ async def _user(model_party: str, helper: str, offline: str, tokens: int) -> Non
         _report(out)
         while await command() == "again":
             again = [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
-            _report({"step_s": list(session.last.step_s), "same_ids": again == got})
+            _report({"step_s": list(session.last.step_s), "same_ids": again == got, "rss_mb": rss_mb()})
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
@@ -154,6 +156,7 @@ def run_modes(tokens: int) -> dict:
             again = modes[m].ask("again")
             res[m].setdefault("online_steps_offline_first", []).append(again["step_s"])
             res[m].setdefault("again_same_ids", []).append(again["same_ids"])
+            res[m]["rss_end_mb"] = again["rss_mb"]
         return res
     finally:
         for mode in modes.values():
@@ -251,6 +254,8 @@ def main() -> None:
     print("| | dealt (standard) | light (`--offline he`) | light / dealt |")
     print("|---|---|---|---|")
     print(f"| user peak RSS | {d['rss_mb']:.0f} MB | {h['rss_mb']:.0f} MB | {h['rss_mb'] / d['rss_mb']:.0%} |")
+    print(f"| user peak RSS after the offline-first generations too | {d['rss_end_mb']:.0f} MB | "
+          f"{h['rss_end_mb']:.0f} MB | {h['rss_end_mb'] / d['rss_end_mb']:.0%} |")
     print(f"| bytes the user receives in setup | {d['setup_bytes_recv'] / 1e6:.1f} MB | "
           f"{h['setup_bytes_recv'] / 1e6:.3f} MB | {h['setup_bytes_recv'] / d['setup_bytes_recv']:.2%} |")
     print(f"| offline s/token | {d['offline_s_per_token']:.2f} | {h['offline_s_per_token']:.2f} | "

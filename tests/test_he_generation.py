@@ -15,6 +15,7 @@ import pytest
 import permllm
 from permllm.model import load_model
 from permllm.protocols import Party, ShareConfig
+from permllm.protocols import party as party_module
 from permllm.protocols.he_matmul import BATCH_KEY, CKKS_KEY
 from permllm.runtime import local_trio
 from permllm.runtime import session as S
@@ -74,8 +75,9 @@ async def test_parties_must_agree_on_the_offline_mode(tmp_path):
 
 
 async def test_light_user_draws_decode_masks_after_the_exchange_and_forgets_unused_state(tmp_path, monkeypatch):
-    """Decode steps find U's masks drawn after their batch's HE exchange (none drawn online, the
-    prefill's are); a generation that stops early leaves no per-token state at U or M."""
+    """Decode steps find U's small masks drawn after their batch's HE exchange (none drawn online,
+    the prefill's are; larger ones than PLAN_MAX are drawn online); a generation that stops early
+    leaves no per-token state at U or M."""
     d, hf = _llama_dir(tmp_path)
     lm = load_model(str(d))
     prompt = [5, 17, 42, 99]
@@ -93,6 +95,11 @@ async def test_light_user_draws_decode_masks_after_the_exchange_and_forgets_unus
         user, model = s.trio.user, s.trio.model
         assert [t async for t in s.generate_ids(prompt, 6, stop_at_eos=False)] == want
         assert drawn[0] > 0 and all(drawn[t] == 0 for t in range(1, 6))
+        monkeypatch.setattr(party_module, "PLAN_MAX", 47)  # rows 48 wide are drawn online, scores (6 heads × ctx) early on not
+        drawn.clear()
+        assert [t async for t in s.generate_ids(prompt, 6, stop_at_eos=False)] == want
+        decode = [drawn[t] for t in range(7, 12)]
+        assert all(0 < n <= drawn[6] for n in decode) and min(decode) < drawn[6], drawn
         s._user.arch = dataclasses.replace(s._user.arch, eos_ids=(want[2],))
         assert [t async for t in s.generate_ids(prompt, 6)] == hf_greedy(hf, prompt, 3)  # stops after 3 of 6
         assert [t async for t in s.generate_ids(prompt, 1)] == want[:1]  # M has ended the last one by now

@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import math
 import os
 import pickle
@@ -732,6 +733,29 @@ async def close_batch(p: Party) -> None:
         raise ProtocolError(f"HE batch: ops {missing[:3]} did not run at every step of the batch")
     await asyncio.gather(*batch.tasks)
     p.store.pop(BATCH_KEY, None)
+    batch.tasks.clear()
+    _release_free_memory()
+
+
+def _release_free_memory() -> None:
+    """Give free heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    A batch's ciphertexts are made and freed in worker threads, whose malloc arenas would
+    keep their pages: the light user's next allocations (its planned masks, in the event
+    loop's thread) would then come on top of them in its peak memory.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 def abort_batch(p: Party) -> None:
@@ -789,7 +813,7 @@ def user_share(p: Party, name: str, rows: int, n_out: int, mag_out: Any) -> np.n
     """U's output share r of a light-mode linear, from s_UH: drawn offline (and planned), again online."""
     shape, width = (rows, n_out), p.ratio * mag_out
     if p.phase == "offline":
-        p.plan_mask("uh", name, "r", shape, width)
+        p.plan_mask("uh", name, "r", shape, mag_out)
         return p.mask("uh", name, "r", shape, width)
     return p.mask_again("uh", name, "r", shape, width)
 

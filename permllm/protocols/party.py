@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ T = TypeVar("T")
 # serving messages of other ops (numpy releases the GIL in BLAS calls).
 THREAD_WORK = 1 << 20
 PLAN_KEY = ("mask-plan", -1)  # store entry of the open mask plan (light-mode U)
+PLAN_MAX = 1024               # elements of the largest mask a plan keeps
 
 
 class Role(str, Enum):
@@ -140,31 +142,38 @@ class Party:
     # -- masks a light-mode user draws twice ---------------------------------------------
     # The light client keeps no correlations between its offline and online phases: it
     # draws its s_UH masks again online. For the steps of a *mask plan* (the decode steps
-    # of the current offline batch: one row each) it records them offline and draws them
-    # once the batch's HE exchange is over, so they never share memory with its
-    # ciphertexts, and its online steps only look them up.
-    def open_mask_plan(self, tokens: Iterable[int]) -> None:
-        """Record the masks the offline steps of ``tokens`` ask for with :meth:`plan_mask`."""
-        self.store[PLAN_KEY] = (frozenset(tokens), [])
-
-    def plan_mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
-                  width: float | np.ndarray) -> None:
-        """Offline: note a mask :meth:`mask_again` will ask for online (if a plan covers this token)."""
-        plan = self.store.get(PLAN_KEY)
-        if plan is not None and self.token in plan[0]:
-            plan[1].append((self.token, which, name, purpose, tuple(shape), width))
-
-    async def draw_mask_plan(self) -> None:
-        """Draw the planned masks (yielding to the event loop after each token's) and close the plan."""
-        plan = self.store.pop(PLAN_KEY, None)
-        if plan is None:
+    # of the current offline batch: one row each) it records the small ones (at most
+    # PLAN_MAX elements: their cost is the stream's set-up, not their size) offline and
+    # draws them once the batch's HE exchange is over (the session closes the batch inside
+    # the plan), so they never share memory with its ciphertexts; its online steps look
+    # them up and draw only the large ones.
+    @contextlib.asynccontextmanager
+    async def mask_plan(self, tokens: Iterable[int]) -> AsyncIterator[None]:
+        """A light-mode U records the masks the offline steps of ``tokens`` (run inside) ask for with
+        :meth:`plan_mask`, and draws them when the block ends without error. A no-op elsewhere."""
+        if not (self.is_user and self.config.offline == "he"):
+            yield
             return
+        plan: list[tuple] = []
+        self.store[PLAN_KEY] = (frozenset(tokens), plan)
+        try:
+            yield
+        finally:
+            self.store.pop(PLAN_KEY, None)
         token = None
-        for t, which, name, purpose, shape, width in plan[1]:
-            if t != token:
+        for t, which, name, purpose, shape, mag in plan:
+            if t != token:  # one token's masks at a time: online steps of earlier tokens go on meanwhile
                 await asyncio.sleep(0)
                 token, view = t, self.view(self.phase, t)
-            self.store[(f"{name}#{purpose}", t)] = view.mask(which, name, purpose, shape, width)
+            self.store[(f"{name}#{purpose}", t)] = view.mask(which, name, purpose, shape, self.ratio * mag)
+
+    def plan_mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
+                  mag: float | np.ndarray) -> None:
+        """Offline: note a mask of width R·``mag`` that :meth:`mask_again` will ask for online, if a
+        plan covers this token and the mask is small (``mag`` is kept by reference: a public bound)."""
+        plan = self.store.get(PLAN_KEY)
+        if plan is not None and self.token in plan[0] and math.prod(shape) <= PLAN_MAX:
+            plan[1].append((self.token, which, name, purpose, tuple(shape), mag))
 
     def mask_again(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
                    width: float | np.ndarray) -> np.ndarray:

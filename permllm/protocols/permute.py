@@ -15,7 +15,7 @@ row may have a valid prefix (a causal mask) that π keeps in front.
 
 In the light mode (``config.offline == "he"``) U keeps none of its masks b, a′, b′
 from its offline steps: it draws them again from the same s_UH streams, for decode
-steps when their batch's HE exchange is over (:meth:`Party.open_mask_plan`), else online.
+steps when their batch's HE exchange is over (:meth:`Party.mask_plan`), else online.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         shp = tuple(xs[0].shape)
         if p.is_user and p.config.offline == "he":  # the light client draws b again online
             for i, m in enumerate(mags):
-                p.plan_mask("uh", name, f"b{i}", shp, R * m)
+                p.plan_mask("uh", name, f"b{i}", shp, m)
             return None
         bs = [p.mask("uh", name, f"b{i}", shp, R * m) for i, m in enumerate(mags)]
         if p.is_user:
@@ -169,8 +169,8 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         b = _b_mask(p, name, shape, mag if mag_share is None else mag_share)
         if p.is_user:
             if p.config.offline == "he":  # the light client draws a′ and b′ again online
-                p.plan_mask("uh", name, "a'", shape, R * mag)
-                p.plan_mask("uh", name, "b'", shape, R * (mag if mag_share is None else mag_share))
+                p.plan_mask("uh", name, "a'", shape, mag)
+                p.plan_mask("uh", name, "b'", shape, mag if mag_share is None else mag_share)
             else:
                 p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))
         else:

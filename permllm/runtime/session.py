@@ -37,7 +37,6 @@ import numpy as np
 from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
 from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols.linear import dealt_batch
-from ..protocols.party import PLAN_KEY
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
 from ..protocols.select import select_token
@@ -154,16 +153,13 @@ class _Party:
                     window.release()
             t0 = time.perf_counter()
             he_matmul.open_batch(self.p, [g.base + s for s in batch])
-            if self.p.is_user:  # U's masks of the decode steps, drawn after the exchange (Party.open_mask_plan)
-                self.p.open_mask_plan(g.base + s for s in batch if s > 0)
-            try:
-                for step in batch:
-                    await self.step("offline", g, step, None, None, Sampler())
-                await he_matmul.close_batch(self.p)
-                await self.p.draw_mask_plan()
+            try:  # U's masks of the decode steps are drawn after the exchange (Party.mask_plan)
+                async with self.p.mask_plan(g.base + s for s in batch if s > 0):
+                    for step in batch:
+                        await self.step("offline", g, step, None, None, Sampler())
+                    await he_matmul.close_batch(self.p)
             finally:
                 he_matmul.abort_batch(self.p)
-                self.p.store.pop(PLAN_KEY, None)
             self._timed(batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
