@@ -15,11 +15,12 @@ process first runs one generation (the dealt mode's, then the light mode's) and 
   (the prefill step included). The dealt mode runs the offline phase ahead of the
   online one in a window, so its online steps share the CPU with offline work.
 
-Then the fair comparison of the online phases: generations with the offline phase done
-first, in the order dealt, light, light, dealt (:data:`ROUNDS`) so that the slow drifts
-of this shared machine fall on both modes alike. The target compares the median decode
-step of those generations; on this VM host-side stalls inflate single steps (by up to
-2× in either mode), so the lower quartile and the mean with the prefill are printed too;
+Then the fair comparison of the online phases: :data:`ROUNDS` generations of each mode
+with the offline phase done first; each mode runs its offline phase and prefill while the
+other waits, then their decode steps alternate, one step of one mode, one of the other,
+so that this shared machine's slow spells (they last seconds to minutes and can slow
+every step by 2×) fall on both modes alike. The target compares the median decode step;
+the lower quartile and the mean with the prefill are printed too;
 
 and the token ids, compared here with transformers' greedy ids (float32, same run).
 ``--precision`` also measures the CKKS products on SmolLM2's own weights and mask
@@ -86,7 +87,12 @@ async def _user(model_party: str, helper: str, offline: str, tokens: int) -> Non
                    online_bytes=r.online_bytes)
         _report(out)
         while await command() == "again":
-            again = [t async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True)]
+            again = []
+            async for t in session.generate_ids(ids, tokens, stop_at_eos=False, offline_first=True):
+                again.append(t)
+                _report({"tokens": len(again)})
+                if await command() != "next":  # paced by the driver: one online step per "next"
+                    return
             _report({"step_s": list(session.last.step_s), "same_ids": again == got, "rss_mb": rss_mb()})
 
 
@@ -142,21 +148,29 @@ class Mode:
                 p.kill()
 
 
-ROUNDS = ("dealer", "he", "he", "dealer")  # offline-first generations, ABBA: drifts of the machine cancel
+ROUNDS = 2  # paced generations of each mode with the offline phase done first
 
 
 def run_modes(tokens: int) -> dict:
-    """Both modes' daemons and user processes at once; first generations in turn, then ROUNDS."""
+    """Both modes' daemons and user processes at once: first generations in turn, then ROUNDS
+    offline-first generations of both, whose decode steps alternate between the two modes."""
     modes: dict[str, Mode] = {}
     try:
         for m in ("dealer", "he"):
             modes[m] = Mode(m, tokens)
         res = {m: modes[m].ask("first") for m in modes}
-        for m in ROUNDS:
-            again = modes[m].ask("again")
-            res[m].setdefault("online_steps_offline_first", []).append(again["step_s"])
-            res[m].setdefault("again_same_ids", []).append(again["same_ids"])
-            res[m]["rss_end_mb"] = again["rss_mb"]
+        for _ in range(ROUNDS):
+            # Each runs its offline phase and prefill while the other waits (the light one first:
+            # its offline phase is the long one), then one decode step each in turn.
+            for m in ("he", "dealer"):
+                modes[m].ask("again")
+            for i in range(1, tokens + 1):  # the last "next" ends the generations: their reports
+                for m in (("dealer", "he") if i % 2 else ("he", "dealer")):
+                    rep = modes[m].ask("next")
+                    if i == tokens:
+                        res[m].setdefault("online_steps_offline_first", []).append(rep["step_s"])
+                        res[m].setdefault("again_same_ids", []).append(rep["same_ids"])
+                        res[m]["rss_end_mb"] = rep["rss_mb"]
         return res
     finally:
         for mode in modes.values():
@@ -263,8 +277,8 @@ def main() -> None:
     on_d, on_h = d["online_s_per_token_offline_first"], h["online_s_per_token_offline_first"]
     med_d, med_h = d["decode_s_median_offline_first"], h["decode_s_median_offline_first"]
     q_d, q_h = d["decode_s_p25_offline_first"], h["decode_s_p25_offline_first"]
-    print(f"| online s/token, median decode step (offline phase done first; {len(ROUNDS) // 2} generations each, "
-          f"interleaved) | {med_d:.3f} | {med_h:.3f} | {med_h / med_d:.2f} |")
+    print(f"| online s/token, median decode step (offline phase done first; {ROUNDS} generations each, "
+          f"decode steps alternating between the modes) | {med_d:.3f} | {med_h:.3f} | {med_h / med_d:.2f} |")
     print(f"| online s/token, lower quartile of the same decode steps | {q_d:.3f} | {q_h:.3f} | {q_h / q_d:.2f} |")
     print(f"| online s/token, mean with the prefill (same generations) | {on_d:.3f} | {on_h:.3f} | "
           f"{on_h / on_d:.2f} |")
