@@ -95,7 +95,8 @@ async def test_light_user_draws_decode_masks_after_the_exchange_and_forgets_unus
         user, model = s.trio.user, s.trio.model
         assert [t async for t in s.generate_ids(prompt, 6, stop_at_eos=False)] == want
         assert drawn[0] > 0 and all(drawn[t] == 0 for t in range(1, 6))
-        monkeypatch.setattr(party_module, "PLAN_MAX", 47)  # rows 48 wide are drawn online, scores (6 heads × ctx) early on not
+        # Rows 48 wide are now drawn online; the scores (6 heads × ctx) of the first steps are not.
+        monkeypatch.setattr(party_module, "PLAN_MAX", 47)
         drawn.clear()
         assert [t async for t in s.generate_ids(prompt, 6, stop_at_eos=False)] == want
         decode = [drawn[t] for t in range(7, 12)]

@@ -733,7 +733,6 @@ async def close_batch(p: Party) -> None:
         raise ProtocolError(f"HE batch: ops {missing[:3]} did not run at every step of the batch")
     await asyncio.gather(*batch.tasks)
     p.store.pop(BATCH_KEY, None)
-    batch.tasks.clear()
     _release_free_memory()
 
 

@@ -158,7 +158,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
     their combination y − b′ stays hidden by b′. H learns nothing.
     """
-    R = p.ratio
+    mag_b = mag if mag_share is None else mag_share
     if p.phase == "offline":
         if p.is_model:
             gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"))
@@ -166,11 +166,11 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             return None
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
-        b = _b_mask(p, name, shape, mag if mag_share is None else mag_share)
+        b = _b_mask(p, name, shape, mag_b)
         if p.is_user:
             if p.config.offline == "he":  # the light client draws a′ and b′ again online
                 p.plan_mask("uh", name, "a'", shape, mag)
-                p.plan_mask("uh", name, "b'", shape, mag if mag_share is None else mag_share)
+                p.plan_mask("uh", name, "b'", shape, mag_b)
             else:
                 p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))
         else:
@@ -191,7 +191,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         p.send(Role.MODEL, p.tag("unperm", name, "y"), np.asarray(y, dtype=p.dtype) - a)
         if light:  # drawn after the message has left: off the online critical path
-            b = _b_mask(p, name, y.shape, mag if mag_share is None else mag_share, again=True)
+            b = _b_mask(p, name, y.shape, mag_b, again=True)
         return b
     if p.is_model:
         gamma = p.take(name + "/unperm")
