@@ -19,14 +19,20 @@ Then the fair comparison of the online phases: :data:`ROUNDS` generations of eac
 with the offline phase done first; each mode runs its offline phase and prefill while the
 other waits, then their decode steps alternate, one step of one mode, one of the other,
 so that this shared machine's slow spells (they last seconds to minutes and can slow
-every step by 2×) fall on both modes alike. The target compares the median decode step;
-the lower quartile and the mean with the prefill are printed too;
+every step by 2×) fall on both modes alike. Each paced step starts ``--pause`` seconds
+(default :data:`PAUSE`) after the previous one ended: after its step a model daemon's
+OpenBLAS threads spin (~100 ms of CPU in the next 0.3 s, in both modes), and on a two-core
+machine they took a core from the *other* mode's next step (a deployment runs one mode's daemons, not two). The bench
+reads every process's CPU time (``/proc``) around each paced step and prints the median
+per process, its own mode's and the other's: ``--pause 0`` shows the effect. The target
+compares the median decode step; the lower quartile and the mean with the prefill are
+printed too;
 
 and the token ids, compared here with transformers' greedy ids (float32, same run).
 ``--precision`` also measures the CKKS products on SmolLM2's own weights and mask
 sizes (one op of each kind) against float64. Usage:
 
-    .venv/bin/python bench/light_client.py [--tokens 32] [--precision] [--json]
+    .venv/bin/python bench/light_client.py [--tokens 32] [--pause 0.3] [--precision] [--json]
 """
 from __future__ import annotations
 
@@ -137,6 +143,16 @@ class Mode:
                 return json.loads(line[len(MARK):])
         raise RuntimeError(f"the {self.offline} user process ended (exit status {self.user.wait()})")
 
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by the user process, the helper and the model party (with its
+        HE worker processes), from /proc; empty where /proc is missing."""
+        user, helper, model = (p.pid for p in self.procs)
+        try:
+            return {"U": _cpu_s(user), "H": _cpu_s(helper),
+                    "M": _cpu_s(model) + sum(_cpu_s(c) for c in _children(model))}
+        except OSError:
+            return {}
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -148,12 +164,29 @@ class Mode:
                 p.kill()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
 ROUNDS = 2  # paced generations of each mode with the offline phase done first
+PAUSE = 0.3  # seconds between paced steps: the previous step's daemons are idle again (module docstring)
 
 
-def run_modes(tokens: int) -> dict:
+def run_modes(tokens: int, pause: float = PAUSE) -> dict:
     """Both modes' daemons and user processes at once: first generations in turn, then ROUNDS
-    offline-first generations of both, whose decode steps alternate between the two modes."""
+    offline-first generations of both, whose decode steps alternate between the two modes,
+    ``pause`` seconds apart; the CPU each process used during each decode step."""
     modes: dict[str, Mode] = {}
     try:
         for m in ("dealer", "he"):
@@ -166,7 +199,15 @@ def run_modes(tokens: int) -> dict:
                 modes[m].ask("again")
             for i in range(1, tokens + 1):  # the last "next" ends the generations: their reports
                 for m in (("dealer", "he") if i % 2 else ("he", "dealer")):
+                    time.sleep(pause)
+                    before = {k: mode.cpu_s() for k, mode in modes.items()}
                     rep = modes[m].ask("next")
+                    if i < tokens:  # a decode step (the last "next" only ends the generation)
+                        for k, mode in modes.items():
+                            used = {p: (t - before[k][p]) * 1e3 for p, t in mode.cpu_s().items() if p in before[k]}
+                            key = "cpu_ms_own_steps" if k == m else "cpu_ms_other_steps"
+                            for p, ms in used.items():
+                                res[k].setdefault(key, {}).setdefault(p, []).append(ms)
                     if i == tokens:
                         res[m].setdefault("online_steps_offline_first", []).append(rep["step_s"])
                         res[m].setdefault("again_same_ids", []).append(rep["same_ids"])
@@ -228,16 +269,19 @@ def precision() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--pause", type=float, default=PAUSE, help="seconds between the paced decode steps")
     ap.add_argument("--precision", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--save", metavar="FILE", help="also write the JSON report to FILE")
     ap.add_argument("--user", nargs=2, metavar=("MODEL_PARTY", "HELPER"), help=argparse.SUPPRESS)
     ap.add_argument("--offline", default="he", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.pause < 0:
+        ap.error("--pause must be at least 0")
     if a.user:
         asyncio.run(_user(*a.user, a.offline, a.tokens))
         return
-    res = run_modes(a.tokens)
+    res = run_modes(a.tokens, a.pause)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -254,7 +298,7 @@ def main() -> None:
         r["online_s_per_token_offline_first"] = sum(steps) / len(steps)
         r["decode_s_median_offline_first"] = float(np.median(decode))
         r["decode_s_p25_offline_first"] = float(np.percentile(decode, 25))
-    report = {"tokens": a.tokens, "prompt_tokens": len(prompt), "modes": res}
+    report = {"tokens": a.tokens, "pause_s": a.pause, "prompt_tokens": len(prompt), "modes": res}
     if a.precision:
         report["precision"] = precision()
     if a.save:
@@ -278,7 +322,8 @@ def main() -> None:
     med_d, med_h = d["decode_s_median_offline_first"], h["decode_s_median_offline_first"]
     q_d, q_h = d["decode_s_p25_offline_first"], h["decode_s_p25_offline_first"]
     print(f"| online s/token, median decode step (offline phase done first; {ROUNDS} generations each, "
-          f"decode steps alternating between the modes) | {med_d:.3f} | {med_h:.3f} | {med_h / med_d:.2f} |")
+          f"decode steps alternating between the modes, {a.pause} s apart) | {med_d:.3f} | {med_h:.3f} | "
+          f"{med_h / med_d:.2f} |")
     print(f"| online s/token, lower quartile of the same decode steps | {q_d:.3f} | {q_h:.3f} | {q_h / q_d:.2f} |")
     print(f"| online s/token, mean with the prefill (same generations) | {on_d:.3f} | {on_h:.3f} | "
           f"{on_h / on_d:.2f} |")
@@ -288,6 +333,14 @@ def main() -> None:
           f"{d['offline_recv'] / a.tokens / 1e6:.1f} MB | {h['offline_sent'] / a.tokens / 1e6:.1f} / "
           f"{h['offline_recv'] / a.tokens / 1e6:.1f} MB | |")
     print(f"| greedy ids identical to transformers | {d['identical']} | {h['identical']} | |")
+    if d.get("cpu_ms_own_steps"):
+        print("\nMedian CPU ms per decode step, by process (U user, M model party with its HE workers, H helper):")
+        print("| during a step of | dealt's U / M / H | light's U / M / H |")
+        print("|---|---|---|")
+        for who, key_d, key_h in (("dealt", "cpu_ms_own_steps", "cpu_ms_other_steps"),
+                                  ("light", "cpu_ms_other_steps", "cpu_ms_own_steps")):
+            cells = [" / ".join(f"{np.median(r[key][p]):.0f}" for p in "UMH") for r, key in ((d, key_d), (h, key_h))]
+            print(f"| {who} | {cells[0]} | {cells[1]} |")
     print(f"\nlight-mode text: {h['text']!r}")
     if a.precision:
         print("\n| op | rows | n_in → n_out | K | scales (x, w bits) | max abs error | relative to max |out| |")
