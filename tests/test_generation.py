@@ -5,6 +5,7 @@ models use dimensions unlike SmolLM2's (other head counts, GQA ratio, FFN width)
 """
 from __future__ import annotations
 
+import asyncio
 import numpy as np
 import pytest
 import torch
@@ -96,6 +97,33 @@ async def test_offline_products_are_batched(tmp_path, monkeypatch):
             assert [t async for t in s.generate_ids(prompt, n, offline_first=first)] == want
             # online: M's n products of one row; offline: U's and H's, the prefill's row, then batches
             assert sorted(rows) == sorted([1] * n + 2 * [1, DEALT_BATCH, DEALT_BATCH]), rows
+
+
+@pytest.mark.parametrize("offline,transport", [("dealer", "tcp"), ("he", "memory")])
+async def test_a_caller_that_stops_early_leaves_the_session_clean(tmp_path, offline, transport):
+    """Breaking out of generate_ids ends the generation at M and H too: the next one runs and
+    matches transformers, and no party keeps messages or correlations of the steps that never ran."""
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42]
+    want = hf_greedy(hf, prompt, 5)
+    async with await permllm.local(lm, offline=offline, transport=transport) as s:
+        got = []
+        async for t in s.generate_ids(prompt, 30, stop_at_eos=False):
+            got.append(t)
+            if len(got) == 3:
+                break
+        assert got == want[:3]
+
+        async def again() -> list[int]:
+            return [t async for t in s.generate_ids(prompt, 5, stop_at_eos=False)]
+
+        assert await asyncio.wait_for(again(), 120) == want
+        for p in s.trio.parties:
+            left = [k for k in p.store if type(k[1]) is int and k[1] >= 0]
+            assert not left, f"{p.role.value} kept {left[:3]}"
+            assert all(ch.unread == 0 for ch in p.channels.values()), (p.role.value, [ch.unread for ch in
+                                                                                       p.channels.values()])
 
 
 async def test_random_gpt2_matches_transformers(tmp_path):

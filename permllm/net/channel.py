@@ -103,6 +103,18 @@ class Channel:
         return self._error
 
     @property
+    def unread(self) -> int:
+        """Bytes of received messages that wait for a ``recv``."""
+        return self._unread
+
+    def discard(self, unwanted: Callable[[Tag], bool]) -> int:
+        """Drop the received messages nobody will ask for (``unwanted(tag)``); how many were dropped."""
+        drop = [tag for tag in self._mailbox if unwanted(tag)]
+        for tag in drop:
+            self._unread -= self._mailbox.pop(tag)[3]
+        return len(drop)
+
+    @property
     def peer_cert(self) -> PeerCert | None:
         """The peer's verified TLS certificate (None on an unauthenticated link)."""
         return self._transport.peer_cert

@@ -191,6 +191,13 @@ class Party:
         for key in [k for k in self.store if len(k) == 2 and type(k[1]) is int and k[1] in tokens]:
             del self.store[key]
 
+    def discard_unread(self, tokens: range) -> int:
+        """Drop the received op messages of ``tokens`` that no op will ask for (a generation that
+        stopped early; call it once the peers have said they sent nothing more for them)."""
+        def unwanted(tag: tuple) -> bool:  # op tags are (kind, op name, token, part): Party.tag
+            return len(tag) == 4 and tag[0] != "ctl" and type(tag[2]) is int and tag[2] in tokens
+        return sum(ch.discard(unwanted) for ch in self.channels.values())
+
     # -- messages ---------------------------------------------------------------------
     def tag(self, kind: str, name: str, part: str) -> tuple:
         return (kind, name, self.token, part)

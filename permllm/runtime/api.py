@@ -13,6 +13,7 @@ last generation (:class:`GenerationResult`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 import time
@@ -92,20 +93,22 @@ class Session:
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
                            sampler: Sampler | None = None, stop_at_eos: bool = True,
                            offline_first: bool = False) -> AsyncIterator[int]:
-        """Yield token ids; fills :attr:`last` with the ids, times and traffic."""
+        """Yield token ids; fills :attr:`last` with the ids, times and traffic. A caller may stop
+        early (``break``): the generation then ends at all three parties."""
         res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s)
         self.last = res
         before = [_totals(m) for m in self._meters]
         off0 = self._user.offline_s
         t_prev = time.perf_counter()
         try:
-            async for tok in self._user.generate(list(prompt_ids), max_new_tokens, sampler, stop_at_eos,
-                                                 offline_first):
-                now = time.perf_counter()
-                res.online_s += now - t_prev
-                res.token_ids.append(tok)
-                yield tok
-                t_prev = time.perf_counter()
+            async with contextlib.aclosing(self._user.generate(list(prompt_ids), max_new_tokens, sampler,
+                                                               stop_at_eos, offline_first)) as gen:
+                async for tok in gen:  # a caller that stops early ends the generation at M and H too
+                    now = time.perf_counter()
+                    res.online_s += now - t_prev
+                    res.token_ids.append(tok)
+                    yield tok
+                    t_prev = time.perf_counter()
         except Exception as e:
             w = self._watch
             if w is not None and w.done() and not w.cancelled() and w.exception() is not None:
@@ -133,15 +136,16 @@ class Session:
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         out: list[int] = []
         shown = ""
-        async for tok in self.generate_ids(ids, max_new_tokens, sampler):
-            out.append(tok)
-            if self.tokenizer is None:
-                yield f"{tok} "
-                continue
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if text.startswith(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
+        async with contextlib.aclosing(self.generate_ids(ids, max_new_tokens, sampler)) as gen:
+            async for tok in gen:  # a caller that stops early ends the generation (generate_ids)
+                out.append(tok)
+                if self.tokenizer is None:
+                    yield f"{tok} "
+                    continue
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if text.startswith(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown):]
+                    shown = text
 
     async def close(self) -> None:
         await self._user.close()

@@ -262,6 +262,22 @@ class ModelSession(_Party):
             finally:
                 await _cancel(off)
                 self.p.forget(range(g.base, g.base + g.max_new))
+            # U and H say when they have sent all they will for this generation (the channels keep
+            # order): what they sent for steps that did not run is dropped then.
+            pv = self.p.view("offline", g.base)
+            for r in (Role.USER, Role.HELPER):
+                _check_end(await pv.recv(r, _end_tag(g)), r)
+            self.p.discard_unread(range(g.base, g.base + g.max_new))
+
+
+def _end_tag(g: _Gen) -> tuple:
+    """The message a party sends when it has sent everything it will for generation ``g``."""
+    return ("ctl", g.index, "end")
+
+
+def _check_end(msg: object, frm: Role) -> None:
+    if msg is not True:
+        raise ProtocolError(f"malformed end of generation from the {frm.value} party")
 
 
 async def _first(wait: object, task: asyncio.Task) -> None:
@@ -284,9 +300,22 @@ class HelperSession(_Party):
         await self.setup_weights(None)
 
     async def serve(self) -> None:
-        """Deal the offline phase of each generation U requests, until U closes the session."""
+        """Deal the offline phase of each generation U requests, until U says the generation ended
+        (it may stop early: H then stops dealing) and, at last, closes the session."""
         async for g in self.requests():
-            await self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None)
+            off = asyncio.create_task(self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None))
+            end = asyncio.ensure_future(self.p.view("offline", g.base).recv(Role.USER, _end_tag(g)))
+            try:
+                await asyncio.wait({off, end}, return_when=asyncio.FIRST_COMPLETED)
+                if off.done() and not end.done():
+                    off.result()  # raises the offline failure
+                _check_end(await end, Role.USER)
+            finally:
+                end.cancel()
+                await _cancel(off)
+            pv = self.p.view("offline", g.base)
+            for r in (Role.MODEL, Role.USER):
+                pv.send(r, _end_tag(g), True)
 
 
 def _config_terms(p: Party) -> list:
@@ -350,6 +379,8 @@ class UserSession(_Party):
         window = asyncio.Semaphore(g.ahead)
         off = asyncio.create_task(self.offline(g, ready, window))
         ids: list[int] = list(prompt_ids)
+        pending: int | None = None  # a step whose control message M still waits for
+        done = False  # the generation was ended at all three parties
         try:
             if offline_first:
                 await _first(ready[-1].wait(), off)
@@ -360,15 +391,39 @@ class UserSession(_Party):
                 self.last_steps.append(time.perf_counter() - t0)
                 window.release()
                 assert tok is not None
-                more = step + 1 < g.max_new and not (stop_at_eos and tok in arch.eos_ids)
-                p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), more)
-                yield tok
-                if not more:
-                    break
+                pending = step
+                if step + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
+                    await self.end(g, step, off)  # the last token: end the generation before handing it out
+                    done = True
+                    yield tok
+                    return
+                yield tok  # the caller may stop here: the generation then ends at all parties (below)
+                p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), True)
+                pending = None
                 ids = [tok]
+        except GeneratorExit:  # the caller stopped early
+            if not done:
+                done = True
+                await self.end(g, pending, off)
+            raise
         finally:
-            await _cancel(off)
-            p.forget(range(g.base, g.base + g.max_new))
+            if not done:  # a failure: the session is over; drop this generation's state
+                await _cancel(off)
+                p.forget(range(g.base, g.base + g.max_new))
+
+    async def end(self, g: _Gen, last: int | None, off: asyncio.Task) -> None:
+        """End a generation after step ``last`` (M waits for its control message, if not None): stop
+        the offline phase, tell M and H, wait for H's last word, and drop everything kept or received
+        for steps that will not run."""
+        if last is not None:
+            self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), False)
+        await _cancel(off)
+        self.p.forget(range(g.base, g.base + g.max_new))
+        pv = self.p.view("offline", g.base)
+        for r in (Role.MODEL, Role.HELPER):
+            pv.send(r, _end_tag(g), True)
+        _check_end(await pv.recv(Role.HELPER, _end_tag(g)), Role.HELPER)
+        self.p.discard_unread(range(g.base, g.base + g.max_new))
 
     async def close(self) -> None:
         """End the session: M and H stop serving it."""
