@@ -6,6 +6,7 @@ models use dimensions unlike SmolLM2's (other head counts, GQA ratio, FFN width)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import numpy as np
 import pytest
 import torch
@@ -99,21 +100,27 @@ async def test_offline_products_are_batched(tmp_path, monkeypatch):
             assert sorted(rows) == sorted([1] * n + 2 * [1, DEALT_BATCH, DEALT_BATCH]), rows
 
 
-@pytest.mark.parametrize("offline,transport", [("dealer", "tcp"), ("he", "memory")])
-async def test_a_caller_that_stops_early_leaves_the_session_clean(tmp_path, offline, transport):
-    """Breaking out of generate_ids ends the generation at M and H too: the next one runs and
-    matches transformers, and no party keeps messages or correlations of the steps that never ran."""
+@pytest.mark.parametrize("offline,transport,closing", [("dealer", "tcp", False), ("he", "memory", True)])
+async def test_a_caller_that_stops_early_leaves_the_session_clean(tmp_path, offline, transport, closing):
+    """Breaking out of generate_ids ends the generation at M and H too (at once when the caller
+    closes the generator, else when asyncio finalizes it): the next one runs and matches
+    transformers, and no party keeps messages or correlations of the steps that never ran."""
     d, hf = _llama_dir(tmp_path)
     lm = load_model(str(d))
     prompt = [5, 17, 42]
     want = hf_greedy(hf, prompt, 5)
     async with await permllm.local(lm, offline=offline, transport=transport) as s:
         got = []
-        async for t in s.generate_ids(prompt, 30, stop_at_eos=False):
-            got.append(t)
-            if len(got) == 3:
-                break
+        gen = s.generate_ids(prompt, 30, stop_at_eos=False)
+        async with (contextlib.aclosing(gen) if closing else contextlib.nullcontext(gen)) as tokens:
+            async for t in tokens:
+                got.append(t)
+                if len(got) == 3:
+                    break
+        del gen, tokens
         assert got == want[:3]
+        if closing:  # the result of the stopped generation is complete
+            assert s.last.token_ids == got and len(s.last.step_s) == 3 and s.last.online_bytes > 0
 
         async def again() -> list[int]:
             return [t async for t in s.generate_ids(prompt, 5, stop_at_eos=False)]

@@ -109,11 +109,19 @@ class Session:
                     res.token_ids.append(tok)
                     yield tok
                     t_prev = time.perf_counter()
+        except GeneratorExit:  # the caller stopped early; the generation has ended (aclosing)
+            self._fill(res, before, off0, offline_first)
+            raise
         except Exception as e:
             w = self._watch
             if w is not None and w.done() and not w.cancelled() and w.exception() is not None:
                 raise w.exception() from e  # type: ignore[misc]
             raise
+        self._fill(res, before, off0, offline_first)
+
+    def _fill(self, res: GenerationResult, before: list[tuple[int, int, int]], off0: float,
+              offline_first: bool) -> None:
+        """Complete a generation's result: traffic, offline time, step times, hops and text."""
         after = [_totals(m) for m in self._meters]
         for (b_on, b_off, b_set), (a_on, a_off, a_set) in zip(before, after):
             res.online_bytes += a_on - b_on
