@@ -22,11 +22,11 @@ so that this shared machine's slow spells (they last seconds to minutes and can 
 every step by 2×) fall on both modes alike. Each paced step starts ``--pause`` seconds
 (default :data:`PAUSE`) after the previous one ended: after its step a model daemon's
 OpenBLAS threads spin (~100 ms of CPU in the next 0.3 s, in both modes), and on a two-core
-machine they took a core from the *other* mode's next step (a deployment runs one mode's daemons, not two). The bench
-reads every process's CPU time (``/proc``) around each paced step and prints the median
-per process, its own mode's and the other's: ``--pause 0`` shows the effect. The target
-compares the median decode step; the lower quartile and the mean with the prefill are
-printed too;
+machine they took a core from the *other* mode's next step (a deployment runs one mode's
+daemons, not two). The bench reads every process's CPU time (``/proc``) around each paced
+step and prints the median per process, its own mode's and the other's: ``--pause 0``
+shows the effect. The target compares the median decode step; the lower quartile and the
+mean with the prefill are printed too;
 
 and the token ids, compared here with transformers' greedy ids (float32, same run).
 ``--precision`` also measures the CKKS products on SmolLM2's own weights and mask

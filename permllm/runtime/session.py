@@ -77,6 +77,11 @@ class _Gen:
     max_new: int
     ahead: int = OFFLINE_AHEAD  # tokens the offline phase may run ahead
 
+    @property
+    def tokens(self) -> range:
+        """The token indices of this generation's steps."""
+        return range(self.base, self.base + self.max_new)
+
 
 class _Party:
     """What the three party programs share: the forward, the setup of weights, the offline runner."""
@@ -91,6 +96,16 @@ class _Party:
         self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
         self.offline_step_s: list[float] = []  # this generation's offline seconds per step (batches split evenly)
         self.progress: Progress | None = None  # progress of the setup and offline phases
+
+    def tell_end(self, g: _Gen, *to: Role) -> None:
+        """Tell ``to`` that this party has sent all it will for generation ``g`` (the channels keep order)."""
+        for r in to:
+            self.p.view("offline", g.base).send(r, ("ctl", g.index, "end"), True)
+
+    async def await_end(self, g: _Gen, frm: Role) -> None:
+        """Wait until ``frm`` has sent all it will for generation ``g`` (:meth:`tell_end`)."""
+        if await self.p.view("offline", g.base).recv(frm, ("ctl", g.index, "end")) is not True:
+            raise ProtocolError(f"malformed end of generation from the {frm.value} party")
 
     def ops(self, phase: str, token: int, gen: int) -> tuple[Party, PrivateOps]:
         pv = self.p.view(phase, token)
@@ -261,23 +276,12 @@ class ModelSession(_Party):
                         break
             finally:
                 await _cancel(off)
-                self.p.forget(range(g.base, g.base + g.max_new))
-            # U and H say when they have sent all they will for this generation (the channels keep
-            # order): what they sent for steps that did not run is dropped then.
-            pv = self.p.view("offline", g.base)
+                self.p.forget(g.tokens)
+            # Once U and H have sent all they will for this generation, what they sent for steps
+            # that did not run is dropped.
             for r in (Role.USER, Role.HELPER):
-                _check_end(await pv.recv(r, _end_tag(g)), r)
-            self.p.discard_unread(range(g.base, g.base + g.max_new))
-
-
-def _end_tag(g: _Gen) -> tuple:
-    """The message a party sends when it has sent everything it will for generation ``g``."""
-    return ("ctl", g.index, "end")
-
-
-def _check_end(msg: object, frm: Role) -> None:
-    if msg is not True:
-        raise ProtocolError(f"malformed end of generation from the {frm.value} party")
+                await self.await_end(g, r)
+            self.p.discard_unread(g.tokens)
 
 
 async def _first(wait: object, task: asyncio.Task) -> None:
@@ -304,18 +308,16 @@ class HelperSession(_Party):
         (it may stop early: H then stops dealing) and, at last, closes the session."""
         async for g in self.requests():
             off = asyncio.create_task(self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None))
-            end = asyncio.ensure_future(self.p.view("offline", g.base).recv(Role.USER, _end_tag(g)))
+            end = asyncio.ensure_future(self.await_end(g, Role.USER))
             try:
                 await asyncio.wait({off, end}, return_when=asyncio.FIRST_COMPLETED)
                 if off.done() and not end.done():
                     off.result()  # raises the offline failure
-                _check_end(await end, Role.USER)
+                await end
             finally:
                 end.cancel()
                 await _cancel(off)
-            pv = self.p.view("offline", g.base)
-            for r in (Role.MODEL, Role.USER):
-                pv.send(r, _end_tag(g), True)
+            self.tell_end(g, Role.MODEL, Role.USER)
 
 
 def _config_terms(p: Party) -> list:
@@ -379,7 +381,6 @@ class UserSession(_Party):
         window = asyncio.Semaphore(g.ahead)
         off = asyncio.create_task(self.offline(g, ready, window))
         ids: list[int] = list(prompt_ids)
-        pending: int | None = None  # a step whose control message M still waits for
         done = False  # the generation was ended at all three parties
         try:
             if offline_first:
@@ -391,7 +392,6 @@ class UserSession(_Party):
                 self.last_steps.append(time.perf_counter() - t0)
                 window.release()
                 assert tok is not None
-                pending = step
                 if step + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
                     await self.end(g, step, off)  # the last token: end the generation before handing it out
                     done = True
@@ -399,31 +399,27 @@ class UserSession(_Party):
                     return
                 yield tok  # the caller may stop here: the generation then ends at all parties (below)
                 p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), True)
-                pending = None
                 ids = [tok]
-        except GeneratorExit:  # the caller stopped early
+        except GeneratorExit:  # the caller stopped early, at the yield of ``step``'s token
             if not done:
                 done = True
-                await self.end(g, pending, off)
+                await self.end(g, step, off)
             raise
         finally:
             if not done:  # a failure: the session is over; drop this generation's state
                 await _cancel(off)
-                p.forget(range(g.base, g.base + g.max_new))
+                p.forget(g.tokens)
 
-    async def end(self, g: _Gen, last: int | None, off: asyncio.Task) -> None:
-        """End a generation after step ``last`` (M waits for its control message, if not None): stop
-        the offline phase, tell M and H, wait for H's last word, and drop everything kept or received
+    async def end(self, g: _Gen, last: int, off: asyncio.Task) -> None:
+        """End a generation after step ``last`` (whose control message M waits for): stop the
+        offline phase, tell M and H, wait for H's last word, and drop everything kept or received
         for steps that will not run."""
-        if last is not None:
-            self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), False)
+        self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), False)
         await _cancel(off)
-        self.p.forget(range(g.base, g.base + g.max_new))
-        pv = self.p.view("offline", g.base)
-        for r in (Role.MODEL, Role.HELPER):
-            pv.send(r, _end_tag(g), True)
-        _check_end(await pv.recv(Role.HELPER, _end_tag(g)), Role.HELPER)
-        self.p.discard_unread(range(g.base, g.base + g.max_new))
+        self.p.forget(g.tokens)
+        self.tell_end(g, Role.MODEL, Role.HELPER)
+        await self.await_end(g, Role.HELPER)
+        self.p.discard_unread(g.tokens)
 
     async def close(self) -> None:
         """End the session: M and H stop serving it."""
