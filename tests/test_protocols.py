@@ -10,8 +10,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from permllm.protocols import (ProtocolError, embed, functions as F, gelu, layer_norm, linear, matmul_shared,
-                               reshare, rms_norm, setup_weight, silu, softmax, swiglu)
+from permllm.protocols import (ProtocolError, ShareConfig, embed, functions as F, gelu, layer_norm, linear,
+                               matmul_shared, reshare, rms_norm, setup_weight, silu, softmax, swiglu)
 from permllm.runtime import run_offline, run_online, run_setup
 
 from .conftest import REL_TOL, Shares, online_counts, rel_err, run_both
@@ -111,6 +111,32 @@ async def test_softmax_rows(trio, causal):
     assert online_counts(trio) == (2, 2)
 
 
+async def test_user_sees_no_masked_score(trio):
+    """A causal prefill reveals each row's valid prefix only: U's view holds zeros past it, the
+    messages carry the valid entries alone, and both shares of a masked probability are exactly 0."""
+    from permllm.protocols import permute_reveal
+    heads, t = 2, 7
+    x = rng.normal(size=(heads, t, t)) * 3 + 50.0  # no true score is 0
+    valid = np.arange(1, t + 1)
+    keep = np.arange(t)[None, :] < valid[:, None]
+    s = Shares(trio, "s", x, 64.0)
+    g = lambda p: permute_reveal(p, "pr", [s.of(p)], mags=[64.0], mode="rows", valid=valid, shape=x.shape)  # noqa: E731
+    await run_offline(trio, g)
+    _, seen = await run_online(trio, g)
+    seen = seen[0]
+    assert np.all(seen[:, ~keep] == 0)
+    np.testing.assert_allclose(np.sort(seen[:, keep].reshape(heads, -1)), np.sort(x[:, keep].reshape(heads, -1)),
+                               atol=1e-8)
+    got = trio.user.meter.total("online")
+    assert got.msgs_recv == 1 and got.bytes_recv <= heads * int(keep.sum()) * 8 + 64
+
+    s2 = Shares(trio, "s2", x, 64.0)
+    m, u = await run_both(trio, lambda p: softmax(p, "sm", s2.of(p), mag_in=64.0, valid=valid, shape=x.shape),
+                          token=1)
+    assert np.all(m[:, ~keep] == 0) and np.all(u[:, ~keep] == 0)
+    assert np.max(np.abs(m + u - F.softmax(x, valid))) < 1e-6
+
+
 async def test_user_sees_a_permutation_of_x(trio):
     """U's clear view is π(x): the same multiset of values per row, in another order."""
     from permllm.protocols import permute_reveal
@@ -194,9 +220,8 @@ async def test_online_without_offline_is_a_clear_error(trio):
         await run_online(trio, lambda p: linear(p, "lin", s.of(p), "W", mag_in=1.0, mag_out=1.0))
 
 
-async def test_float32_and_float64(trio_dt, dtype):
-    """The whole chain linear → RMSNorm → SwiGLU in each dtype at its default ratio."""
-    trio = trio_dt
+async def test_chain(trio):
+    """The whole chain linear → RMSNorm → SwiGLU at the default ratio."""
     W1 = rng.normal(size=(16, 16)) * 0.3
     W2 = rng.normal(size=(16, 16)) * 0.3
     x = rng.normal(size=(2, 16)) * 2
@@ -213,9 +238,18 @@ async def test_float32_and_float64(trio_dt, dtype):
     m, u = await run_both(trio, g)
     h = F.rms_norm(x)
     want = F.swiglu(h @ W1.T, h @ W2.T)
-    assert rel_err(m + u, want) < REL_TOL[dtype]
-    assert (m + u).dtype == np.dtype(dtype)
+    assert rel_err(m + u, want) < REL_TOL["float64"]
+    assert (m + u).dtype == np.float64
     assert online_counts(trio) == (4, 4)
+
+
+def test_float32_is_refused():
+    """float32 shares hide nothing (an audit identified every token id from the embedding messages)."""
+    with pytest.raises(ValueError, match=r"float32 shares are refused: float32 masks of ratio 2\*\*4 do not hide "
+                                         r"the inputs \(an audit identified 32 of 32 token ids"):
+        ShareConfig(dtype="float32")
+    with pytest.raises(ValueError, match="share dtype must be one of float64, not 'float16'"):
+        ShareConfig(dtype="float16")
 
 
 async def test_traced_message_received_after_its_op_ended(trio):

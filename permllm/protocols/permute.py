@@ -13,6 +13,14 @@ Permutations act either on all elements ("flat", for element-wise functions) or 
 the last axis of each row independently ("rows", for softmax and norms), where each
 row may have a valid prefix (a causal mask) that π keeps in front.
 
+**Only the valid prefixes travel.** With a ``valid`` prefix per row (a causal softmax in a
+prefill), the entries past it (the scores of "future" keys, q_i·k_j for j > i) are never
+revealed: the reveal and the reshare send the valid entries of each row only (packed row
+after row), U fills the rest of its view with zeros, and both new shares are exactly 0
+there (the masks a′, b′ are zeroed past each prefix), which is the softmax's value at a
+masked key. U therefore sees nothing of the masked scores — they are bilinear functions of
+the weights — and the messages carry only the causal half.
+
 In the light mode (``config.offline == "he"``) U keeps none of its masks b, a′, b′
 from its offline steps: it draws them again from the same s_UH streams, for decode
 steps when their batch's HE exchange is over (:meth:`Party.mask_plan`), else online.
@@ -76,6 +84,36 @@ def _perm(p: Party, name: str, shape: tuple[int, ...], mode: str, valid: np.ndar
     return Perm.draw(p.gen("mh", name, "pi"), shape, mode, _valid_rows(shape, valid))
 
 
+def _prefix(shape: tuple[int, ...], mode: str, valid: np.ndarray | None) -> np.ndarray | None:
+    """Which entries lie in their row's valid prefix (π keeps them in front), or None when all do."""
+    if mode != "rows" or valid is None:
+        return None
+    v = np.broadcast_to(np.asarray(valid, dtype=np.int64), shape[:-1])
+    keep = np.arange(shape[-1]) < v[..., None]
+    return None if keep.all() else keep
+
+
+def _pack(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """The entries of ``x`` inside the valid prefixes, row after row (all of ``x`` when ``keep`` is None)."""
+    return x if keep is None else x[keep]
+
+
+def _unpack(packed: np.ndarray, keep: np.ndarray | None, what: str) -> np.ndarray:
+    """Inverse of :func:`_pack`: the valid entries in place, zeros past each prefix."""
+    if keep is None:
+        return packed
+    if packed.shape != (int(keep.sum()),):
+        raise ProtocolError(f"{what}: expected the {int(keep.sum())} valid entries, got shape {packed.shape}")
+    out = np.zeros(keep.shape, dtype=packed.dtype)
+    out[keep] = packed
+    return out
+
+
+def _zero_tail(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """``x`` with the entries past each valid prefix set to 0 (a copy where it changes anything)."""
+    return x if keep is None else np.where(keep, x, x.dtype.type(0))
+
+
 async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *, mags: Sequence[float],
                          mode: str = "flat", valid: np.ndarray | None = None,
                          shape: tuple[int, ...] | None = None) -> list[np.ndarray] | None:
@@ -85,8 +123,9 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
     Returns U's clear permuted values; M and H get None (M keeps π for
     :func:`reshare_unpermute` of the same ``name``).
 
-    Learns: U learns π(x) (the PermLLM leakage) and nothing of π; M receives
-    δ = π(x_U) − b, i.e. x hidden by b (width R·mag); H learns nothing.
+    Learns: U learns π(x) (the PermLLM leakage) and nothing of π — with a ``valid`` prefix
+    per row only the prefixes: the entries past them are never sent, U's view holds zeros
+    there; M receives δ = π(x_U) − b, i.e. x hidden by b (width R·mag); H learns nothing.
     """
     R = p.ratio
     if p.phase == "offline":
@@ -108,7 +147,8 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             p.keep(name + "/reveal", bs)
             return None
         pi = _perm(p, name, shp, mode, valid)
-        p.send(Role.MODEL, p.tag("perm", name, "delta"), [pi.apply(x) - b for x, b in zip(xs, bs)])
+        keep = _prefix(shp, mode, valid)
+        p.send(Role.MODEL, p.tag("perm", name, "delta"), [_pack(pi.apply(x) - b, keep) for x, b in zip(xs, bs)])
         return None
     if p.is_model:
         deltas, pi = p.take(name + "/reveal")
@@ -116,11 +156,13 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         if pi is None:
             pi = _perm(p, name, shp, mode, valid)
         p.keep(name + "/pi", pi)
+        keep = _prefix(shp, mode, valid)
+        want = shp if keep is None else (int(keep.sum()),)
         ms = []
         for x, d in zip(xs, deltas):
-            if tuple(d.shape) != shp:
-                raise ProtocolError(f"permute_reveal {name!r}: correlation shape {d.shape} != {shp}")
-            ms.append(pi.apply(x) + d)
+            if tuple(d.shape) != want:
+                raise ProtocolError(f"permute_reveal {name!r}: correlation shape {d.shape} != {want}")
+            ms.append(_pack(pi.apply(x), keep) + d)
         p.send(Role.USER, p.tag("perm", name, "m"), ms)
         return None
     if p.is_user:
@@ -133,11 +175,13 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"))
         if not isinstance(ms, list) or len(ms) != len(bs):
             raise ProtocolError(f"permute_reveal {name!r}: expected {len(bs)} arrays")
+        keep = _prefix(tuple(bs[0].shape), mode, valid)
         out = []
         for m, b in zip(ms, bs):
+            b = _pack(b, keep)
             if not isinstance(m, np.ndarray) or m.shape != b.shape or m.dtype != b.dtype:
                 raise ProtocolError(f"permute_reveal {name!r}: bad array from the model party")
-            out.append(m + b)
+            out.append(_unpack(m + b, keep, f"permute_reveal {name!r}"))
         return out
     raise ProtocolError(f"permute_reveal {name!r}: the helper has no online branch")
 
@@ -155,6 +199,9 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     column of y (default ``mag``). A light-mode U may pass a′ drawn ahead (``a_ahead``,
     from :func:`apply_permuted`).
 
+    With a ``valid`` prefix per row, only the prefixes' entries are sent and both new shares
+    are 0 past them (U's ``y`` must be 0 there: a softmax over the prefix).
+
     Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
     their combination y − b′ stays hidden by b′. H learns nothing.
     """
@@ -166,15 +213,16 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             return None
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
-        b = _b_mask(p, name, shape, mag_b)
+        keep = _prefix(tuple(shape), mode, valid)
+        b = _zero_tail(_b_mask(p, name, shape, mag_b), keep)
         if p.is_user:
             if p.config.offline == "he":  # the light client draws a′ and b′ again online
                 p.plan_mask("uh", name, "a'", shape, mag)
                 p.plan_mask("uh", name, "b'", shape, mag_b)
             else:
-                p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))
+                p.keep(name + "/unperm", (_zero_tail(_a_mask(p, name, shape, mag), keep), b))
         else:
-            a = _a_mask(p, name, shape, mag)
+            a = _zero_tail(_a_mask(p, name, shape, mag), keep)
             pi = _perm(p, name, tuple(shape), mode, valid)
             p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
         return b
@@ -183,21 +231,27 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if light:
             if y is None:
                 raise ProtocolError(f"reshare_unpermute {name!r}: the user must pass its output")
-            a = _a_mask(p, name, y.shape, mag, again=True) if a_ahead is None else a_ahead
+            keep = _prefix(tuple(y.shape), mode, valid)
+            a = _zero_tail(_a_mask(p, name, y.shape, mag, again=True) if a_ahead is None else a_ahead, keep)
             b = None
         else:
             a, b = p.take(name + "/unperm")
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
-        p.send(Role.MODEL, p.tag("unperm", name, "y"), np.asarray(y, dtype=p.dtype) - a)
+        keep = _prefix(tuple(y.shape), mode, valid)
+        if keep is not None and np.any(np.asarray(y)[~keep] != 0):
+            raise ProtocolError(f"reshare_unpermute {name!r}: the output must be 0 past each row's valid prefix")
+        p.send(Role.MODEL, p.tag("unperm", name, "y"), _pack(np.asarray(y, dtype=p.dtype) - a, keep))
         if light:  # drawn after the message has left: off the online critical path
-            b = _b_mask(p, name, y.shape, mag_b, again=True)
+            b = _zero_tail(_b_mask(p, name, y.shape, mag_b, again=True), keep)
         return b
     if p.is_model:
         gamma = p.take(name + "/unperm")
         pi = p.take(name + "/pi")
-        d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"), gamma.shape)
-        return pi.invert(d) + gamma
+        keep = _prefix(tuple(gamma.shape), mode, valid)
+        d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"),
+                               gamma.shape if keep is None else (int(keep.sum()),))
+        return pi.invert(_unpack(d, keep, f"reshare_unpermute {name!r}")) + gamma
     raise ProtocolError(f"reshare_unpermute {name!r}: the helper has no online branch")
 
 
