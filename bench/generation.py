@@ -6,7 +6,7 @@ max abs error of the logits at every step (M's and U's shares of the logits are
 summed here, in this one process, purely for measurement), tokens/s of the online
 phase, and plaintext tokens/s measured in the same run. Usage:
 
-    .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 float32:16 ...]
+    .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 float64:16384 ...]
         [--routes 12 8]
 
 ``--routes`` runs every setting with each attention route (ShareConfig.route: "12" — separate
@@ -82,8 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--settings", nargs="+", default=["float64:4096", "float64:16384", "float64:65536",
-                                                       "float32:16", "float32:64"])
+    ap.add_argument("--settings", nargs="+", default=["float64:4096", "float64:16384", "float64:65536"])
     ap.add_argument("--routes", nargs="+", choices=["12", "8"], default=["12"], help="attention routes to run")
     ap.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
     ap.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")

@@ -1,7 +1,7 @@
 """Per-op online cost and fidelity: messages, hops, bytes and max error vs plaintext.
 
 Runs every protocol op with all three parties (SmolLM2-like shapes) in float64 at
-R = 2^12 and float32 at R = 2^4, over loopback TCP. Usage:
+R = 2^12, over loopback TCP. Usage:
 
     .venv/bin/python bench/ops_fidelity.py [--json] [--transport memory|tcp]
 """
@@ -19,7 +19,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--transport", default="tcp", choices=["memory", "tcp"])
     a = ap.parse_args()
-    rows = run(op_report("float64", a.transport)) + run(op_report("float32", a.transport))
+    rows = run(op_report("float64", a.transport))
     print(json.dumps(rows, indent=1) if a.json else format_report(rows))
 
 

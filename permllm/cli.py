@@ -15,11 +15,9 @@ __all__ = ["main"]
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .protocols import ShareConfig
+    from .protocols import DEFAULT_RATIO, ShareConfig
 
-    route = getattr(args, "route", None) or "12"
-    base = ShareConfig.for_dtype(args.dtype, route)
-    return ShareConfig(args.dtype, args.ratio, route) if args.ratio else base
+    return ShareConfig(args.dtype, args.ratio or DEFAULT_RATIO, getattr(args, "route", None) or "12")
 
 
 def _link(args: argparse.Namespace) -> Any:
@@ -182,16 +180,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _share_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float64", "float32"], default="float64",
-                   help="share dtype (float64: mask ratio 2^12; float32: paper-like ratio 2^4)")
-    p.add_argument("--ratio", type=float, default=None, help="mask ratio R (default by dtype)")
+    from .runtime.config import dtype_arg
+
+    p.add_argument("--dtype", type=dtype_arg, default="float64",
+                   help="share dtype: float64, mask ratio 2^12 (float32 is refused: its masks do not hide the inputs)")
+    p.add_argument("--ratio", type=float, default=None, help="mask ratio R (default 2^12)")
     p.add_argument("--route", choices=["12", "8"], default="12",
                    help="attention route in decode: 12 or 8 online hops per layer")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``permllm`` console script."""
-    from .runtime.config import add_flags, keys_help
+    from .runtime.config import add_flags, dtype_arg, keys_help
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="permllm", description="Private LLM inference (PermLLM).")
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     d = sub.add_parser("demo", help="run every protocol op with all three parties and compare with plaintext")
     d.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
-    d.add_argument("--dtype", nargs="+", choices=["float64", "float32"], default=["float64", "float32"])
+    d.add_argument("--dtype", nargs="+", type=dtype_arg, default=["float64"], help="share dtypes to run")
     d.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     d.set_defaults(fn=_demo)
 

@@ -26,6 +26,7 @@ import permllm
 from permllm.net import HandshakeError, TlsError, packb, tcp_connect, unpackb
 from permllm.net.tls import client_context
 from permllm.protocols import Role, ShareConfig
+from permllm.runtime.config import ConfigError
 from permllm.runtime.identity import share_terms
 from permllm.runtime.keys import issue, make_keys
 
@@ -139,7 +140,7 @@ async def test_daemon_with_another_roles_certificate_is_refused(dep, tmp_path):
 
 
 @pytest.mark.parametrize("over, pattern", [
-    ({"dtype": "float32"}, r"dtype: this party \(model\) has 'float64', peer .* \(user\) has 'float32'"),
+    ({"route": "8"}, r"route: this party \(model\) has '12', peer .* \(user\) has '8'"),
     ({"ratio": 1024.0}, r"ratio: this party \(model\) has 4096.0, peer .* \(user\) has 1024.0"),
     ({"model_fingerprint": "0" * 32}, r"model: this party \(model\) has '[0-9a-f]{32}', peer .* \(user\) has '0{32}'"),
 ])
@@ -173,6 +174,12 @@ async def test_handshake_version_terms_and_session_id_checks(dep):
     assert "bad session id 'short'" in answer["error"]
     answer = await _raw_hello(dep, {"permllm": 2, "role": "helper", "session": sid, "bind": True, "terms": TERMS})
     assert "accepts ['user'], but the peer says it is 'helper'" in answer["error"]
+    answer = await _raw_hello(dep, {"permllm": 2, "role": "user", "session": sid, "bind": True,
+                                    "terms": {**TERMS, "dtype": "float32"}})
+    assert re.search(r"handshake mismatch: dtype: this party \(model\) has 'float64', peer .* \(user\) has "
+                     r"'float32'", answer["error"])
+    with pytest.raises(ConfigError, match="dtype: float32 shares are refused"):  # this user never asks for it
+        await dep.session(dtype="float32")
     answer = await _raw_hello(dep, {"permllm": 2, "role": "user", "session": sid, "bind": True,
                                     "terms": {"dtype": "float64"}})
     missing = ", ".join(sorted(set(TERMS) - {"dtype"}))

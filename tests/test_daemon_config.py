@@ -14,16 +14,16 @@ from .daemons import ENV
 
 def test_file_then_flags(tmp_path):
     conf = tmp_path / "model.toml"
-    conf.write_text('listen = "0.0.0.0:7001"\nhelper = "h.example.org:7002"\ndtype = "float32"\n'
+    conf.write_text('listen = "0.0.0.0:7001"\nhelper = "h.example.org:7002"\nratio = 1024.0\n'
                     '[tls]\nca = "certs/ca.pem"\ncert = "/abs/model.pem"\nkey = "certs/model.key"\n'
                     '[tls.pins]\nhelper = "sha256:' + "ab" * 32 + '"\n'
                     '[limits]\nmax_sessions = 3\nmessage_timeout = 5\n')
-    cfg = load_config("model", conf, {"limits.max_sessions": 4, "dtype": None})
+    cfg = load_config("model", conf, {"limits.max_sessions": 4, "ratio": None})
     assert cfg["listen"] == "0.0.0.0:7001" and cfg["helper"] == "h.example.org:7002"
     assert cfg["tls.ca"] == str(tmp_path / "certs" / "ca.pem") and cfg["tls.cert"] == "/abs/model.pem"
     assert cfg["tls.pins"] == {"helper": "sha256:" + "ab" * 32}
     assert cfg["limits.max_sessions"] == 4 and cfg["limits.message_timeout"] == 5.0  # int accepted as float
-    assert cfg.share_config().dtype == "float32" and cfg.share_config().ratio == 16.0
+    assert cfg.share_config().dtype == "float64" and cfg.share_config().ratio == 1024.0
     assert cfg["limits.drain_timeout"] == 60.0  # a default
 
 
@@ -34,7 +34,9 @@ def test_file_then_flags(tmp_path):
     ('[limits]\nmax_sessions = "8"', "model", r"limits.max_sessions must be int, got '8'"),
     ('[limits]\nmax_sessions = true', "model", r"limits.max_sessions must be int, got True"),
     ('[limits]\nmessage_timeout = 0', "model", r"limits.message_timeout must be positive"),
-    ('dtype = "float16"', "model", r"dtype must be 'float64' or 'float32'"),
+    ('dtype = "float16"', "model", r"dtype: share dtype must be one of float64, not 'float16'"),
+    ('dtype = "float32"', "helper", r"dtype: float32 shares are refused: float32 masks of ratio 2\*\*4 do not hide the "
+                                    r"inputs \(an audit identified 32 of 32 token ids exactly"),
     ('[tls.pins]\nmodel = "md5:1"', "user", r"tls.pins must map model/helper/user to 'sha256:<64 hex digits>'"),
     ('listen = ', "model", r"is not valid TOML"),
 ])
@@ -48,6 +50,15 @@ def test_file_errors_name_the_key(tmp_path, text, role, error):
 def test_flag_for_another_party_is_refused():
     with pytest.raises(ConfigError, match="--helper does not apply to the helper party"):
         load_config("helper", overrides={"helper": "h:1"})
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi"], ["bench", "smollm2"], ["demo"], ["serve", "model"]])
+def test_float32_flag_is_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--dtype", "float32"])
+    assert e.value.code == 2
+    assert "argument --dtype: float32 shares are refused: float32 masks of ratio 2**4 do not hide the inputs" in \
+        capsys.readouterr().err
 
 
 def test_tls_needs_all_three_files_unless_insecure(tmp_path):

@@ -208,7 +208,5 @@ async def test_light_batch_errors():
 def test_light_mode_configuration():
     with pytest.raises(ValueError, match="route 12"):
         ShareConfig(offline="he", route="8")
-    with pytest.raises(ValueError, match="float64"):
-        ShareConfig(dtype="float32", ratio=16.0, offline="he")
     with pytest.raises(ValueError, match="offline mode"):
         ShareConfig(offline="fast")

@@ -17,7 +17,7 @@ Layer: above :mod:`permllm.net` (it sends tagged messages on Channels), below
 
 Each op's docstring says what each party learns.
 """
-from .config import DEFAULT_RATIO, FLOAT32_RATIO, ShareConfig
+from .config import DEFAULT_RATIO, ShareConfig
 from .attention import AttnMags, AttnSpec, attention_decode
 from .embedding import embed
 from .he_matmul import setup_ckks
@@ -31,7 +31,7 @@ from .sampling import Sampler, choose, make_rng
 from .select import retrieve, select_token
 
 __all__ = [
-    "DEFAULT_RATIO", "FLOAT32_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
+    "DEFAULT_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
     "setup_weight", "linear", "reshare", "matmul_shared", "embed", "AttnSpec", "AttnMags", "attention_decode",
     "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
     "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",

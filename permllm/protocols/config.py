@@ -4,8 +4,9 @@ Every mask is drawn uniformly from [-w/2, w/2] with a width ``w = R * m`` where
 ``m`` is a public magnitude bound of the *secret-dependent part* of the value it
 hides (DESIGN.md §3). R trades hiding for precision: a value hidden with ratio R
 is carried in numbers about R times larger, so float64 with R = 2**12 keeps
-about 2**-29 relative error per zero-round linear layer, while float32 needs a
-ratio near 2**4 (the paper's setting).
+about 2**-29 relative error per zero-round linear layer. float32 shares are refused:
+their precision allows only ratios near 2**4 (the paper's setting), which do not hide
+the inputs (:data:`FLOAT32_REFUSED`).
 """
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ShareConfig", "DEFAULT_RATIO", "FLOAT32_RATIO", "ROUTES", "OFFLINE_MODES"]
+__all__ = ["ShareConfig", "DEFAULT_RATIO", "DTYPES", "ROUTES", "OFFLINE_MODES", "FLOAT32_REFUSED", "check_dtype"]
 
 DEFAULT_RATIO = 2.0**12
+DTYPES = ("float64",)
 ROUTES = ("12", "8")
 OFFLINE_MODES = ("dealer", "he")
-FLOAT32_RATIO = 2.0**4
+FLOAT32_REFUSED = ("float32 shares are refused: float32 masks of ratio 2**4 do not hide the inputs (an audit "
+                   "identified 32 of 32 token ids exactly from the embedding messages); use float64, see "
+                   "'Precision and hiding' in the README")
+
+
+def check_dtype(dtype: object) -> str:
+    """``dtype`` if it is a share dtype (one of :data:`DTYPES`); else ValueError saying why."""
+    if dtype == "float32":
+        raise ValueError(FLOAT32_REFUSED)
+    if dtype not in DTYPES:
+        raise ValueError(f"share dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    return dtype  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +48,17 @@ class ShareConfig:
     offline: str = "dealer"
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"share dtype must be float32 or float64, not {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.route not in ROUTES:
             raise ValueError(f"attention route must be one of {', '.join(ROUTES)}, not {self.route!r}")
         if not self.ratio >= 1.0:
             raise ValueError(f"mask ratio must be >= 1, not {self.ratio!r}")
         if self.offline not in OFFLINE_MODES:
             raise ValueError(f"offline mode must be one of {', '.join(OFFLINE_MODES)}, not {self.offline!r}")
-        if self.offline == "he" and (self.route != "12" or self.dtype != "float64"):
-            raise ValueError("the light client (offline 'he') needs float64 shares and attention route 12 "
+        if self.offline == "he" and self.route != "12":
+            raise ValueError("the light client (offline 'he') needs attention route 12 "
                              "(the 8-hop route uses the user's masked key weights)")
 
     @property
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
-
-    @classmethod
-    def for_dtype(cls, dtype: str, route: str = "12") -> "ShareConfig":
-        """The default ratio for a dtype: 2**12 in float64, 2**4 (paper-like) in float32."""
-        return cls(dtype=dtype, ratio=DEFAULT_RATIO if dtype == "float64" else FLOAT32_RATIO, route=route)

@@ -173,7 +173,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
         await fwd.layer(timed, 0, x.astype(dtype), sh)
         plain_s.append(time.perf_counter() - t0)
     mags = {k: (np.maximum(2 * np.asarray(v), 1e-3) if np.ndim(v) else max(2 * v, 1e-3)) for k, v in plain.mags.items()}
-    config = ShareConfig.for_dtype(dtype, route)
+    config = ShareConfig(dtype, route=route)
     trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
     async with trio:
         names = [f"L0.{n}" for n in ("qkv", "o", "mlp_in", "mlp_out")] + ["L0.res_in", "L0.res_post"]

@@ -23,7 +23,6 @@ Example (the model party)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import ssl
 import tomllib
 from dataclasses import dataclass, field
@@ -31,10 +30,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..net.tls import client_context, server_context
-from ..protocols import ShareConfig
-from ..protocols.config import OFFLINE_MODES, ROUTES
+from ..protocols import DEFAULT_RATIO, ShareConfig
+from ..protocols.config import DTYPES, OFFLINE_MODES, ROUTES, check_dtype
 
-__all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help"]
+__all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help",
+           "dtype_arg"]
 
 MODEL, HELPER, USER = "model", "helper", "user"
 DAEMONS = frozenset({MODEL, HELPER})
@@ -73,9 +73,9 @@ KEYS: tuple[Key, ...] = (
         metavar="HOST:PORT"),
     Key("model", str, "smollm2", "--model", frozenset({MODEL, USER}),
         "'smollm2' or a local Hugging Face directory (the user party loads only its tokenizer)", metavar="MODEL"),
-    Key("dtype", str, "float64", "--dtype", ALL, "share dtype: float64 (mask ratio 2^12) or float32 (2^4); "
-        "all three parties must agree", metavar="DTYPE"),
-    Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default by dtype); all three parties must agree"),
+    Key("dtype", str, "float64", "--dtype", ALL, f"share dtype, one of {', '.join(DTYPES)} (float32 is refused: "
+        "its masks do not hide the inputs); all three parties must agree", metavar="DTYPE"),
+    Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default 2^12); all three parties must agree"),
     Key("route", str, "12", "--route", ALL, f"attention route in decode, one of {', '.join(ROUTES)} (online hops "
         "per layer); all three parties must agree", metavar="ROUTE"),
     Key("offline", str, "dealer", "--offline", ALL, f"offline phase of the linear layers, one of "
@@ -130,9 +130,7 @@ class PartyConfig:
 
     def share_config(self) -> ShareConfig:
         """The share configuration: dtype, mask ratio, attention route and offline mode."""
-        base = ShareConfig.for_dtype(self["dtype"], self["route"])
-        cfg = ShareConfig(self["dtype"], self["ratio"], self["route"]) if self["ratio"] else base
-        return dataclasses.replace(cfg, offline=self["offline"])
+        return ShareConfig(self["dtype"], self["ratio"] or DEFAULT_RATIO, self["route"], self["offline"])
 
     def _tls_files(self) -> tuple[str, str, str] | None:
         if self["insecure"]:
@@ -162,8 +160,11 @@ def _check(key: Key, value: Any, where: str) -> Any:
         value = float(value)
     if value is not None and not (isinstance(value, key.type) and not (key.type is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {key.name} must be {key.type.__name__}, got {value!r}")
-    if key.name == "dtype" and value not in ("float64", "float32"):
-        raise ConfigError(f"{where}: dtype must be 'float64' or 'float32', got {value!r}")
+    if key.name == "dtype":
+        try:
+            check_dtype(value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: dtype: {e}") from None
     if key.name == "route" and value not in ROUTES:
         raise ConfigError(f"{where}: route must be one of {', '.join(ROUTES)}, got {value!r}")
     if key.name == "offline" and value not in OFFLINE_MODES:
@@ -247,11 +248,18 @@ def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str]) -> None:
             parser.add_argument(k.flag, dest=dest, action="append", type=_pin, default=None, metavar="ROLE=SHA256",
                                 help=k.help)
         else:
-            parser.add_argument(k.flag, dest=dest, type=k.type, default=None,
+            parser.add_argument(k.flag, dest=dest, type=dtype_arg if k.name == "dtype" else k.type, default=None,
                                 metavar=k.metavar or k.type.__name__.upper(),
-                                choices={"dtype": ["float64", "float32"], "route": list(ROUTES),
-                                         "offline": list(OFFLINE_MODES)}.get(k.name),
+                                choices={"route": list(ROUTES), "offline": list(OFFLINE_MODES)}.get(k.name),
                                 help=k.help)
+
+
+def dtype_arg(value: str) -> str:
+    """A ``--dtype`` value, or argparse's error saying why it is refused."""
+    try:
+        return check_dtype(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def from_args(role: str, args: argparse.Namespace) -> PartyConfig:

@@ -93,7 +93,7 @@ def _cases(rng: np.random.Generator) -> list[Case]:
 async def op_report(dtype: str = "float64", transport: str = "memory", ratio: float | None = None,
                     seed: int = 0) -> list[dict[str, Any]]:
     """Run every op once; per op: online messages, hops, bytes, seconds, and errors vs plaintext."""
-    config = ShareConfig.for_dtype(dtype) if ratio is None else ShareConfig(dtype, ratio)
+    config = ShareConfig(dtype) if ratio is None else ShareConfig(dtype, ratio)
     rows = []
     for label, case in _cases(np.random.default_rng(seed)):
         async with await local_trio(transport, config) as t:
