@@ -31,7 +31,7 @@ from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
 from .session import HelperSession, ModelSession, UserSession
 
-__all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr"]
+__all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr", "encode_prompt"]
 
 
 @dataclass
@@ -80,15 +80,20 @@ class Session:
     def arch(self) -> Any:
         return self._user.arch
 
-    def encode(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids of ``prompt`` (with the chat template for instruct models unless ``chat=False``)."""
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass token ids")
-        tok = self.tokenizer
-        if chat and getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(tok.encode(prompt))
+    @property
+    def error(self) -> BaseException | None:
+        """Why this session can no longer generate (a failed or closed link), or None while it can."""
+        for ch in self._user.p.channels.values():
+            if ch.error is not None:
+                return ch.error
+        w = self._watch
+        if w is not None and w.done():
+            return (None if w.cancelled() else w.exception()) or RuntimeError("the session's parties have ended")
+        return None
+
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of ``prompt`` (see :func:`encode_prompt`)."""
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
                            sampler: Sampler | None = None, stop_at_eos: bool = True,
@@ -140,7 +145,8 @@ class Session:
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, chat: bool = True,
                        sampler: Sampler | None = None) -> AsyncIterator[str]:
-        """Stream the generated text piece by piece (the prompt stays private to the user)."""
+        """Stream the generated text piece by piece (the prompt stays private to the user); the pieces
+        of a generation that was not stopped early add up to ``last.text``."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         out: list[int] = []
         shown = ""
@@ -154,6 +160,8 @@ class Session:
                 if text.startswith(shown) and not text.endswith("\ufffd"):
                     yield text[len(shown):]
                     shown = text
+        if self.tokenizer is not None and self.last.text != shown and self.last.text.startswith(shown):
+            yield self.last.text[len(shown):]  # the end of the text: a character left incomplete, say
 
     async def close(self) -> None:
         await self._user.close()
@@ -167,6 +175,23 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def encode_prompt(tokenizer: Any | None, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+    """Token ids of ``prompt``: a string (with the chat template for instruct models unless
+    ``chat=False``) or chat messages (``[{"role": "user", "content": ...}, ...]``, always through
+    the chat template: a tokenizer without one is an error)."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass token ids")
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(prompt, str):
+        if not (chat and template):
+            return list(tokenizer.encode(prompt))
+        prompt = [{"role": "user", "content": prompt}]
+    elif not template:
+        raise ValueError("this model's tokenizer has no chat template: send raw text instead of messages")
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def _totals(m: Meter) -> tuple[int, int, int]:
