@@ -105,7 +105,12 @@ async def _serve(args: argparse.Namespace) -> int:
     def ready(host: str, port: int) -> None:
         print(f"permllm {args.role} listening on {host}:{port}", flush=True)
 
-    daemon = await ModelDaemon.create(cfg) if args.role == "model" else HelperDaemon(cfg)
+    daemon: Any
+    if args.role == "user":
+        from .runtime.openai_server import UserDaemon
+        daemon = await UserDaemon.create(cfg)
+    else:
+        daemon = await ModelDaemon.create(cfg) if args.role == "model" else HelperDaemon(cfg)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
@@ -212,17 +217,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="links between the embedded parties")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
     g.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
-    add_flags(g, frozenset({"user"}))
+    add_flags(g, frozenset({"user"}), serve=False)
     g.set_defaults(fn=lambda a: asyncio.run(_generate(a)))
 
-    daemons = frozenset({"model", "helper"})
-    s = sub.add_parser("serve", help="run a party daemon (model party or helper)", epilog=keys_help(daemons),
+    parties = frozenset({"model", "helper", "user"})
+    s = sub.add_parser("serve", help="run a party daemon (model party, helper, or the user's OpenAI-compatible "
+                                     "endpoint)", epilog=keys_help(parties),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run the model party or the helper as a network service. Links are mutual TLS "
+                       description="Run the model party or the helper as a network service, or the user party as "
+                                   "an OpenAI-compatible HTTP endpoint on this machine (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models). Links between parties are mutual TLS "
                                    "(certificates from 'permllm keys') unless --insecure. SIGTERM drains running "
-                                   "sessions, then exits.")
-    s.add_argument("role", choices=["model", "helper"])
-    add_flags(s, daemons)
+                                   "sessions (the user party: requests), then exits.")
+    s.add_argument("role", choices=["model", "helper", "user"])
+    add_flags(s, parties)
     s.set_defaults(fn=lambda a: asyncio.run(_serve(a)))
 
     k = sub.add_parser("keys", help="create a deployment's CA and a certificate per party")

@@ -57,6 +57,12 @@ class Key:
     help: str
     path: bool = False  # a file path (resolved against the TOML file's directory)
     metavar: str = ""
+    serve: bool = False  # a daemon's setting: the user party has it in ``permllm serve user`` only
+    user_default: Any = None  # the user party's default where it differs (``serve`` keys)
+
+    def default_for(self, role: str) -> Any:
+        """The built-in default of this key for ``role``."""
+        return self.user_default if role == USER and self.user_default is not None else self.default
 
     @property
     def dest(self) -> str:
@@ -65,8 +71,8 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("listen", str, "127.0.0.1:0", "--listen", DAEMONS, "HOST:PORT to listen on (port 0: any free port)",
-        metavar="HOST:PORT"),
+    Key("listen", str, "127.0.0.1:0", "--listen", ALL, "HOST:PORT to listen on (port 0: any free port); the user "
+        "party serves its OpenAI-compatible HTTP endpoint there", metavar="HOST:PORT", serve=True),
     Key("helper", str, None, "--helper", frozenset({MODEL, USER}), "HOST:PORT of the helper daemon",
         metavar="HOST:PORT"),
     Key("model_party", str, None, "--model-party", frozenset({USER}), "HOST:PORT of the model-party daemon",
@@ -85,16 +91,18 @@ KEYS: tuple[Key, ...] = (
         "accept only the model with this fingerprint (the model daemon logs its own at start-up)", metavar="HEX"),
     Key("insecure", bool, False, "--insecure", ALL,
         "plain TCP without TLS: only on a network you trust (TLS is on by default)"),
-    Key("log_level", str, "INFO", "--log-level", DAEMONS, "DEBUG, INFO, WARNING or ERROR (logs never hold secrets)",
-        metavar="LEVEL"),
+    Key("log_level", str, "INFO", "--log-level", ALL, "DEBUG, INFO, WARNING or ERROR (logs never hold secrets)",
+        metavar="LEVEL", serve=True),
     Key("tls.ca", str, None, "--ca", ALL, "PEM file of the deployment's CA (permllm keys makes it)", path=True,
         metavar="FILE"),
     Key("tls.cert", str, None, "--cert", ALL, "PEM file of this party's certificate", path=True, metavar="FILE"),
     Key("tls.key", str, None, "--key", ALL, "PEM file of this party's private key", path=True, metavar="FILE"),
     Key("tls.pins", dict, {}, "--pin", ALL, "peer certificates pinned by role: a table role = \"sha256:HEX\" "
         "(flag: --pin ROLE=sha256:HEX, repeatable)"),
-    Key("limits.max_sessions", int, 8, "--max-sessions", DAEMONS,
-        "sessions served at once; past it a new user is refused with a 'busy' error"),
+    Key("limits.max_sessions", int, 8, "--max-sessions", ALL,
+        "sessions served at once; past it a new user is refused with a 'busy' error (the user party: sessions "
+        "it sets up at start-up, each holding the masked weights; more requests queue)", serve=True,
+        user_default=1),
     Key("limits.message_timeout", float, 120.0, "--message-timeout", ALL,
         "seconds a link may stay silent (nothing sent, nothing accepted) while a message is awaited; "
         "then the session ends (this also ends idle sessions)"),
@@ -111,8 +119,9 @@ KEYS: tuple[Key, ...] = (
     Key("limits.max_unread", int, 1 << 30, "--max-unread", DAEMONS,
         "bytes of received messages a session may hold from a user (or, at the helper, from any peer) "
         "before they are asked for"),
-    Key("limits.drain_timeout", float, 60.0, "--drain-timeout", DAEMONS,
-        "on SIGTERM: seconds running sessions get to finish before they are ended"),
+    Key("limits.drain_timeout", float, 60.0, "--drain-timeout", ALL,
+        "on SIGTERM: seconds running sessions (the user party: requests) get to finish before they are ended",
+        serve=True),
 )
 _BY_NAME = {k.name: k for k in KEYS}
 
@@ -195,7 +204,7 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config(role: str, path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PartyConfig:
     """Defaults, then the TOML file at ``path``, then ``overrides`` (key name → value; None = not given)."""
-    values = {k.name: k.default for k in KEYS if role in k.roles}
+    values = {k.name: k.default_for(role) for k in KEYS if role in k.roles}
     source = "defaults"
     if path is not None:
         path = Path(path)
@@ -235,11 +244,12 @@ def _pin(text: str) -> tuple[str, str]:
     return role, fp
 
 
-def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str]) -> None:
-    """Add the flag of every key that applies to one of ``roles`` (defaults None: 'not given')."""
+def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str], serve: bool = True) -> None:
+    """Add the flag of every key that applies to one of ``roles`` (defaults None: 'not given');
+    ``serve=False`` (``permllm generate``) leaves out the daemons' settings."""
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (keys below)")
     for k in KEYS:
-        if not (k.roles & roles):
+        if not (k.roles & roles) or (k.serve and not serve):
             continue
         dest = k.dest
         if k.type is bool:
@@ -276,7 +286,10 @@ def keys_help(roles: frozenset[str]) -> str:
     lines = ["configuration file keys (TOML; the flag of the same name overrides the file):"]
     for k in KEYS:
         if k.roles & roles:
-            default = "" if k.default in (None, {}) else f" (default {k.default!r})"
+            default = "" if k.default in (None, {}) else f" (default {k.default!r}"
+            if k.user_default is not None and USER in roles:
+                default += f"; user {k.user_default!r}"
+            default += ")" if default else ""
             who = "" if roles <= k.roles else f" [{', '.join(sorted(k.roles & roles))}]"
             lines.append(f"  {k.name:<26} {k.flag:<20} {k.type.__name__}{who}{default}")
             lines.append(f"      {k.help}")
