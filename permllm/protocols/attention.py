@@ -1,4 +1,4 @@
-"""The 8-hop attention block of a decode step (DESIGN.md §3, "Toward 8 hops per layer").
+"""The 8-hop attention block of a decode step (docs/design.md §3.7).
 
 One op, :func:`attention_decode`, runs norm → qkv linear → heads/RoPE → q·Kᵀ → softmax
 → P·V for one new token (T = 1) against the growing KV cache, in **4 dependent online
@@ -62,18 +62,18 @@ What each party learns (beyond the public shapes and calibrated magnitudes):
   q̂·W_k).
 * **H** receives no message at all (it only deals).
 
-Why Γ. The cache persists: if U saw π₂(K_U) itself (DESIGN's sketch, K_U from a seed
-only H holds), each row would recur token after token, so U could match rows across
-tokens, spot the one new row each time and so learn every key's position in π₂. Fresh
-Γ per token and query head prevents it (and hides U's own K_U, which the 12-hop prefill
-gives U anyway); re-sharing K between M and H every token instead would let M average
-the fresh shares away and learn K.
+Why Γ. The cache persists: if U saw π₂(K_U) itself (the reference design's sketch,
+docs/design.md §3.7: K_U from a seed only H holds), each row would recur token after
+token, so U could match rows across tokens, spot the one new row each time and so learn
+every key's position in π₂. Fresh Γ per token and query head prevents it (and hides U's
+own K_U, which the 12-hop prefill gives U anyway); re-sharing K between M and H every
+token instead would let M average the fresh shares away and learn K.
 
 Precision. U must see the cached keys and values in a fresh order every token without
 recognising its own shares K_U, V_U, so Γ and Γ_V are R² wide and the products
-(q_M − α)·K̃ᵀ, q_M·Γᵀ, z′·Ṽ and π₂⁻¹(z′)·Γ_V carry R³ magnitudes (DESIGN's "a mask
-hiding a permutation of a mask"); the new key's constant q̂_U·D_k·h_Uᵀ multiplies two
-shares through D and needs an R³ pad as well. The cancellation leaves about
+(q_M − α)·K̃ᵀ, q_M·Γᵀ, z′·Ṽ and π₂⁻¹(z′)·Γ_V carry R³ magnitudes ("a mask hiding
+a permutation of a mask", docs/design.md §10); the new key's constant q̂_U·D_k·h_Uᵀ
+multiplies two shares through D and needs an R³ pad as well. The cancellation leaves about
 2⁻⁵³·R³ of relative error (float64) instead of the 2⁻⁵³·R² of the 12-hop route: see
 ``bench/attention8_fidelity.py`` (one block) and ``bench/generation.py --routes 12 8``
 (SmolLM2 end to end) for measured numbers. Costs beyond the 12-hop route: offline, H → U
@@ -197,8 +197,8 @@ class _W:
     """Every mask width of the op, computed alike by all three parties from public values.
 
     Each mask is R times the standard deviation (or the bound) of the secret-dependent part
-    of what it hides, per column where the column is not permuted (DESIGN.md §3, "precision
-    budget"): per-column widths keep the R³ products small where a few columns are large.
+    of what it hides, per column where the column is not permuted (docs/design.md
+    §10): per-column widths keep the R³ products small where a few columns are large.
     """
 
     def __init__(self, p: Party, spec: AttnSpec, m: AttnMags, t: int, n: int, scale_w: float,

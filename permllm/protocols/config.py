@@ -2,7 +2,7 @@
 
 Every mask is drawn uniformly from [-w/2, w/2] with a width ``w = R * m`` where
 ``m`` is a public magnitude bound of the *secret-dependent part* of the value it
-hides (DESIGN.md §3). R trades hiding for precision: a value hidden with ratio R
+hides (docs/design.md §10). R trades hiding for precision: a value hidden with ratio R
 is carried in numbers about R times larger, so float64 with R = 2**12 keeps
 about 2**-29 relative error per zero-round linear layer. float32 shares are refused:
 their precision allows only ratios near 2**4 (the paper's setting), which do not hide

@@ -1,4 +1,4 @@
-"""CKKS matrix products for the light client's offline phase (DESIGN.md §6).
+"""CKKS matrix products for the light client's offline phase (docs/design.md §6).
 
 Layer: :mod:`permllm.protocols` (above :mod:`permllm.net`, below :mod:`permllm.model`).
 In the light mode (``ShareConfig.offline == "he"``) the user party holds no masked

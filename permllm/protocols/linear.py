@@ -1,4 +1,4 @@
-"""Linear layers with the model party's private weights (DESIGN.md §3).
+"""Linear layers with the model party's private weights (docs/design.md §3.2).
 
 Setup, once per weight W (M holds it): U_W comes from the s_MH stream, so H can
 regenerate it; M sends D = W − U_W to U. Per use, with the user's input share x_U

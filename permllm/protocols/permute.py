@@ -2,7 +2,7 @@
 
 M picks a fresh permutation π per op and token from the s_MH stream (so H knows it
 and U does not). The user sees π(x) in the clear, applies a function that commutes
-with π, and the result is shared again and un-permuted (DESIGN.md §3):
+with π, and the result is shared again and un-permuted (docs/design.md §3.3):
 
 * permute-and-reveal — offline: H sends δ = π(x_U) − b to M (b from s_UH);
   online, 1 hop M → U: m = π(x_M) + δ; U computes π(x) = m + b.

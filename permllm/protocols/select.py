@@ -1,7 +1,7 @@
 """Private token selection: permuted logits to U, then a one-time-table retrieval of the true id.
 
 Part of :mod:`permllm.protocols` (above :mod:`permllm.net`, below
-:mod:`permllm.model`); DESIGN.md §5. The logits are shared [x] over the
+:mod:`permllm.model`); docs/design.md §5.1. The logits are shared [x] over the
 vocabulary. :func:`select_token` reveals π(x) to U under a fresh π per token
 (:func:`~permllm.protocols.permute.permute_reveal`, 1 hop M → U), U chooses an
 index j in permuted space (:func:`~permllm.protocols.sampling.choose`), and U
@@ -9,15 +9,15 @@ learns the true token id π⁻¹(j) = ``pi.idx[j]`` by :func:`retrieve` (2 hops,
 few bytes each): U sends its index shifted by a secret offset, M answers with one
 mask entry. Three online hops per token; M learns nothing of j.
 
-Why not homomorphic retrieval (DESIGN.md §5 proposes BFV, U sending an encrypted
-one-hot of j): the helper already knows π (it derives it from s_MH to deal the
-permutation correlations), so it can deal the retrieval offline as well, like every
-other correlation. The one-time table costs the helper V small integers offline
-per token and the online phase two integers, where BFV cost 32 ciphertexts
-(4.3 MB) and about 100 ms of HE work per token at ChatGLM-6B's vocabulary, and
-it leaks nothing: U's view of the table is a one-time pad and M's view is a
-uniform offset, where BFV without noise flooding could leak about the table
-through the answer's noise.
+Why not homomorphic retrieval (the reference design proposed BFV, U sending an
+encrypted one-hot of j; docs/design.md §5.1): the helper already knows π (it derives
+it from s_MH to deal the permutation correlations), so it can deal the retrieval
+offline as well, like every other correlation. The one-time table costs the helper V
+small integers offline per token and the online phase two integers, where BFV cost
+32 ciphertexts (4.3 MB) and about 100 ms of HE work per token at ChatGLM-6B's
+vocabulary, and it leaks nothing: U's view of the table is a one-time pad and M's
+view is a uniform offset, where BFV without noise flooding could leak about the
+table through the answer's noise.
 """
 from __future__ import annotations
 
