@@ -1,5 +1,6 @@
 """What the daemons ask of a channel: handshake terms, frames bound to the session, a link timeout that
-spares busy links, an abort that carries its reason, and external cancellation that leaves no waiter hanging."""
+spares busy and idle (keep-alive) links, an abort that carries its reason, and external cancellation that
+leaves no waiter hanging."""
 from __future__ import annotations
 
 import asyncio
@@ -51,13 +52,14 @@ async def test_link_timeout_fails_a_silent_peer_but_not_a_busy_one():
     for i in range(6):  # 0.6 s of traffic from the peer: the wait goes on
         await asyncio.sleep(0.1)
         srv.send(("tick", i), i)
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)  # 0.6 s of keep-alives only: the peer is alive, the wait still goes on
     assert not pending.done()
     srv.send(("late",), "ok")
     assert await pending == "ok"
+    srv._tasks[2].cancel()  # the peer stops showing life (as when its event loop hangs)
     with pytest.raises(PeerTimeout, match=r"peer 'model' sent and accepted nothing for 0.3 s while this party "
                                           r"waited for \('never',\)"):
-        await ch.recv(("never",))
+        await asyncio.wait_for(ch.recv(("never",)), 2)
     await ch.close()
     await srv.close()
 

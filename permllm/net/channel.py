@@ -14,6 +14,13 @@ For links to untrusted peers a channel can bind every frame to its session
 (a frame of another session is refused), bound the bytes of messages nobody
 has asked for yet, end a link whose peer goes silent (``timeout``), and end a
 session with a reason the peer sees (:meth:`Channel.abort`).
+
+Keep-alives: a party with a link timeout asks its peer in the hello for a sign
+of life at least every quarter of it (``"alive"``); the peer then sends a
+keep-alive frame whenever it has written nothing for that long, so a party that
+is alive but has nothing to say is not taken for a dead one. Keep-alives never
+reach a mailbox, the :class:`Meter` or the hop clock (``Channel.keepalives``
+counts them).
 """
 
 from __future__ import annotations
@@ -21,18 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import ssl
 from collections import deque
 from typing import Any, Callable, Collection, Mapping
 
-from .codec import decode_message, encode_message, packb, unpackb
+from .codec import KEEPALIVE, decode_message, encode_keepalive, encode_message, packb, unpackb
 from .emulation import LinkEmulator
 from .errors import FrameError, FrameTooLarge, HandshakeError, NetError, PeerAborted, PeerClosed, PeerTimeout, TlsError
 from .meter import PHASES, Meter
 from .tls import PeerCert, tls_reason
 from .transport import Transport
 
-__all__ = ["PROTOCOL_VERSION", "ABORT", "Tag", "Channel", "open_channel", "accept_channel", "printable"]
+__all__ = ["PROTOCOL_VERSION", "ABORT", "KEEPALIVE_MIN", "Tag", "Channel", "open_channel", "accept_channel",
+           "keepalive_interval", "printable"]
 
 PROTOCOL_VERSION = 2
 ABORT = "!abort"  # the reserved tag kind of Channel.abort's frame
@@ -43,6 +52,7 @@ _PREFIX_BYTES = 4          # the transport's length prefix, counted as wire byte
 _ABORT_LINGER = 1.0  # seconds an aborting party reads on, at most, while the peer keeps sending
 _ABORT_QUIET = 0.05  # ... and it stops once the peer has sent nothing for this long
 _CLOSE_FLUSH_TIMEOUT = 5.0  # how long close() waits for queued frames to go out
+KEEPALIVE_MIN = 0.05  # seconds: the shortest keep-alive interval a party asks for, or heeds
 
 _Item = tuple[str, int, Any, int]  # (phase, stamp, payload, frame bytes) of a received message
 
@@ -50,6 +60,11 @@ _Item = tuple[str, int, Any, int]  # (phase, stamp, payload, frame bytes) of a r
 def printable(text: str, limit: int = 500) -> str:
     """``text`` cut to ``limit`` characters with control characters replaced: safe to log when a peer wrote it."""
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def keepalive_interval(link_timeout: float) -> float:
+    """The keep-alive interval a party with this link timeout asks its peer for: a quarter, at least KEEPALIVE_MIN."""
+    return max(link_timeout / 4, KEEPALIVE_MIN)
 
 
 def _for_tag(err: NetError, tag: Tag) -> NetError:
@@ -66,15 +81,19 @@ class Channel:
         "name", "peer_terms", "_transport", "_meter", "_link", "_loop", "_mailbox", "_waiters",
         "_outq", "_wake", "_pending", "_flushers", "_error", "_closing", "_tasks",
         "_timeout", "_bind", "_max_unread", "_unread", "_active", "_down",
+        "_keepalive", "_ping", "_wrote", "_pings_sent", "_pings_recv",
     )
 
     def __init__(
         self, transport: Transport, meter: Meter, *, link: LinkEmulator | None = None, name: str = "",
         timeout: float | None = None, bind: bytes | None = None, max_unread: int | None = None,
+        keepalive: float | None = None,
     ) -> None:
-        """``timeout``: fail the link when the peer neither sends nor accepts a frame for that many
-        seconds while this party waits on it; ``bind``: the session binding every frame carries;
-        ``max_unread``: the most bytes of received messages that may wait for a ``recv``."""
+        """``timeout``: fail the link when the peer neither sends (a message or a keep-alive) nor accepts
+        a message for that many seconds while this party waits on it; ``bind``: the session binding every
+        frame carries; ``max_unread``: the most bytes of received messages that may wait for a ``recv``;
+        ``keepalive``: send a keep-alive frame whenever nothing was written for that many seconds (the
+        interval the peer asked for; at least KEEPALIVE_MIN)."""
         self.name = name or transport.peer  # the peer's name in error messages
         self.peer_terms: dict[str, Any] = {}  # what the peer stated in its hello
         self._transport = transport
@@ -94,8 +113,13 @@ class Channel:
         self._bind = bind
         self._max_unread = max_unread
         self._unread = 0  # bytes of frames in the mailbox
-        self._active = 0.0  # loop time of the last frame read or written
+        self._active = 0.0  # loop time of the last frame read or message written
         self._down = asyncio.Event()
+        self._keepalive = None if keepalive is None else max(keepalive, KEEPALIVE_MIN)
+        self._ping = encode_keepalive(bind)
+        self._wrote = 0.0  # loop time of the last frame written, keep-alives included
+        self._pings_sent = 0
+        self._pings_recv = 0
 
     @property
     def error(self) -> BaseException | None:
@@ -115,6 +139,12 @@ class Channel:
         return len(drop)
 
     @property
+    def keepalives(self) -> tuple[int, int]:
+        """Keep-alive frames (sent, received) so far; the Meter does not count them (27 + 4 bytes each on a
+        session-bound link, 17 + 4 otherwise)."""
+        return self._pings_sent, self._pings_recv
+
+    @property
     def peer_cert(self) -> PeerCert | None:
         """The peer's verified TLS certificate (None on an unauthenticated link)."""
         return self._transport.peer_cert
@@ -130,11 +160,14 @@ class Channel:
         if self._loop is not None:
             raise RuntimeError(f"channel to peer {self.name!r} already started")
         self._loop = asyncio.get_running_loop()
-        self._active = self._loop.time()
+        self._active = self._wrote = self._loop.time()
         self._tasks = (
             self._loop.create_task(self._read_loop(), name=f"permllm-net-read[{self.name}]"),
             self._loop.create_task(self._write_loop(), name=f"permllm-net-write[{self.name}]"),
         )
+        if self._keepalive is not None:
+            self._tasks += (self._loop.create_task(self._alive_loop(self._keepalive),
+                                                   name=f"permllm-net-alive[{self.name}]"),)
 
     def send(self, tag: Tag, payload: Any, *, phase: str = "online") -> None:
         """Queue one message; returns at once (the payload is encoded now, so the caller may reuse it).
@@ -152,6 +185,8 @@ class Channel:
         tag = tuple(tag)
         if tag and tag[0] == ABORT:
             raise ValueError(f"the tag kind {ABORT!r} is reserved for Channel.abort")
+        if tag and tag[0] == KEEPALIVE:
+            raise ValueError(f"the tag kind {KEEPALIVE!r} is reserved for keep-alive frames")
         self._enqueue(tag, phase, payload)
 
     def _enqueue(self, tag: Tag, phase: str, payload: Any) -> None:
@@ -215,7 +250,8 @@ class Channel:
         return payload
 
     async def _wait_live(self, fut: asyncio.Future[_Item]) -> _Item:
-        """Await ``fut`` while the link shows life: a frame read or written within the link timeout."""
+        """Await ``fut`` while the link shows life: a frame read (keep-alives too) or a message written
+        within the link timeout."""
         loop, limit = self._loop, self._timeout
         assert loop is not None and limit is not None
         start = loop.time()
@@ -297,6 +333,8 @@ class Channel:
         self._flushers.clear()
         self._wake.set()  # lets the writer task see the error and stop
         self._down.set()
+        if len(self._tasks) > 2:
+            self._tasks[2].cancel()  # no more keep-alives
 
     async def _read_loop(self) -> None:
         transport, meter, mailbox, waiters = self._transport, self._meter, self._mailbox, self._waiters
@@ -310,6 +348,9 @@ class Channel:
                     tag, phase, stamp, payload = decode_message(body, self._bind)
                 except FrameError as e:
                     raise FrameError(f"malformed frame from peer {self.name!r}: {e}") from e
+                if tag == (KEEPALIVE,):  # its arrival was the point (self._active above)
+                    self._pings_recv += 1
+                    continue
                 if phase not in PHASES:
                     raise FrameError(f"malformed frame from peer {self.name!r}: message {tag!r} has unknown phase "
                                      f"{printable(phase, 40)!r}")
@@ -363,6 +404,19 @@ class Channel:
         self._fail(PeerTimeout(f"peer {self.name!r} accepted no data for {self._timeout:g} s"))
         self._loop.create_task(self._transport.close())
 
+    async def _alive_loop(self, every: float) -> None:
+        """Queue a keep-alive whenever nothing has been written for ``every`` seconds and nothing is on its way."""
+        loop = self._loop
+        assert loop is not None
+        while self._error is None:
+            left = self._wrote + every - loop.time()
+            if left <= 0:
+                if not (self._outq or self._pending):  # else frames on their way will show life first
+                    self._outq.append((self._ping, None))
+                    self._wake.set()
+                left = every
+            await asyncio.sleep(left)
+
     async def _write_loop(self) -> None:
         transport, q = self._transport, self._outq
         loop = self._loop
@@ -386,7 +440,11 @@ class Channel:
                         await transport.send(frame)
                     finally:
                         stall.cancel()
-                self._active = loop.time()
+                self._wrote = loop.time()
+                if frame is self._ping:  # not a message: no sign of the peer's life, nothing to flush
+                    self._pings_sent += 1
+                    continue
+                self._active = self._wrote
                 self._pending -= 1
                 if not self._pending and self._flushers:
                     for fut in self._flushers:
@@ -417,18 +475,32 @@ def _binding(session: str) -> bytes:
     return hashlib.sha256(b"permllm-session:" + session.encode()).digest()[:8]
 
 
-def _hello(role: str, session: str, terms: Terms | None, bind: bool) -> dict[str, Any]:
+def _hello(role: str, session: str, terms: Terms | None, bind: bool, link_timeout: float | None) -> dict[str, Any]:
     hello: dict[str, Any] = {"permllm": PROTOCOL_VERSION, "role": role, "session": session}
     if terms:
         hello["terms"] = dict(terms)
     if bind:
         hello["bind"] = True
+    if link_timeout is not None:
+        hello["alive"] = keepalive_interval(link_timeout)
     return hello
 
 
+def _asked_alive(hello: dict[str, Any], peer: str) -> float | None:
+    """The keep-alive interval the peer asks for in its hello (None: it asks for none)."""
+    every = hello.get("alive")
+    if every is None:
+        return None
+    if not (type(every) in (int, float) and math.isfinite(every) and every > 0):
+        raise HandshakeError(f"malformed handshake from peer {peer!r}: alive must be a positive number of "
+                             f"seconds, got {printable(repr(every), 40)}")
+    return every
+
+
 def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: str, terms: Terms | None = None,
-                 bind: bool = False, cert: PeerCert | None = None) -> dict[str, Any]:
-    """Check the peer's hello against this party's; return the terms the peer stated."""
+                 bind: bool = False, cert: PeerCert | None = None) -> tuple[dict[str, Any], float | None]:
+    """Check the peer's hello against this party's; return the terms the peer stated and the keep-alive
+    interval it asks for."""
     if not (isinstance(hello, dict) and "permllm" in hello):
         raise HandshakeError(f"malformed handshake from peer {peer!r}: not a permllm hello")
     version = hello["permllm"]
@@ -466,7 +538,7 @@ def _check_hello(hello: Any, *, role: str, peer_role: str, session: str, peer: s
             f"{printable(repr(theirs[k]), 80)}" for k in sorted(mine.keys() & theirs.keys()) if mine[k] != theirs[k]]
     if diff:
         raise HandshakeError("handshake mismatch: " + "; ".join(diff))
-    return theirs
+    return theirs, _asked_alive(hello, peer)
 
 
 def _closed_in_handshake(e: PeerClosed, transport: Transport) -> HandshakeError:
@@ -499,9 +571,12 @@ async def open_channel(
     Wire format of the handshake: each side sends one frame, the msgpack map
     ``{"permllm": PROTOCOL_VERSION, "role": role, "session": session}`` plus
     ``"terms": {...}`` (what this party states: e.g. a model fingerprint, a
-    dtype) and ``"bind": true`` when frames carry the session binding, and
-    reads the peer's. The peer's version must equal ``PROTOCOL_VERSION``, its
-    role ``peer_role`` (and, on a TLS link, a role its certificate names), its
+    dtype), ``"bind": true`` when frames carry the session binding, and
+    ``"alive": seconds`` with a ``link_timeout`` (send this party a frame at
+    least that often: ``keepalive_interval(link_timeout)``), and reads the
+    peer's; if it asks for keep-alives (a positive number), the channel sends
+    them. The peer's version must equal ``PROTOCOL_VERSION``, its role
+    ``peer_role`` (and, on a TLS link, a role its certificate names), its
     session ``session``, its binding ``bind``, and every term both sides state
     must be equal; otherwise, or if its frame is malformed or holds an
     ``"error"``, the transport is closed and HandshakeError (TlsError for
@@ -512,7 +587,7 @@ async def open_channel(
     """
     peer = transport.peer
     try:
-        hello = packb(_hello(role, session, terms, bind))
+        hello = packb(_hello(role, session, terms, bind, link_timeout))
         try:
             await asyncio.wait_for(transport.send(hello), timeout)
             meter.on_send("setup", "handshake", len(hello) + _PREFIX_BYTES)
@@ -523,8 +598,8 @@ async def open_channel(
         except PeerClosed as e:
             raise _closed_in_handshake(e, transport) from e
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
-        peer_terms = _check_hello(theirs, role=role, peer_role=peer_role, session=session, peer=peer, terms=terms,
-                                  bind=bind, cert=transport.peer_cert)
+        peer_terms, alive = _check_hello(theirs, role=role, peer_role=peer_role, session=session, peer=peer,
+                                         terms=terms, bind=bind, cert=transport.peer_cert)
     except asyncio.TimeoutError:
         await transport.close()
         raise asyncio.TimeoutError(f"no handshake from peer {peer!r} within {timeout} s") from None
@@ -532,7 +607,7 @@ async def open_channel(
         await transport.close()
         raise
     channel = Channel(transport, meter, link=link, timeout=link_timeout,
-                      bind=_binding(session) if bind else None, max_unread=max_unread)
+                      bind=_binding(session) if bind else None, max_unread=max_unread, keepalive=alive)
     channel.peer_terms = peer_terms
     channel.start()
     return channel
@@ -559,7 +634,8 @@ async def accept_channel(
 
     Used by daemons, which learn the session id and the peer's role from the hello.
     The hello is checked as in :func:`open_channel` (version, a role among
-    ``peer_roles`` and named by its certificate on TLS, binding, terms); then
+    ``peer_roles`` and named by its certificate on TLS, binding, terms, the
+    keep-alives it asks for; the answer asks for them with a ``link_timeout``); then
     ``admit(role, session, peer_terms)`` may refuse the peer by raising
     HandshakeError (e.g. too many sessions). A refusal's answer carries an
     ``"error"`` field (so the connecting side's :func:`open_channel` raises
@@ -570,7 +646,7 @@ async def accept_channel(
     try:
         body = await asyncio.wait_for(transport.recv(), timeout)
         meter.on_arrive("setup", "handshake", len(body) + _PREFIX_BYTES)
-        answer = _hello(role, "", terms, bind)
+        answer = _hello(role, "", terms, bind, link_timeout)
         try:
             try:
                 theirs = unpackb(body)
@@ -579,13 +655,13 @@ async def accept_channel(
             their_role = theirs.get("role") if isinstance(theirs, dict) else None
             session = theirs.get("session") if isinstance(theirs, dict) else None
             session = session if isinstance(session, str) else ""
-            answer = _hello(role, session, terms, bind)
+            answer = _hello(role, session, terms, bind, link_timeout)
             if their_role not in peer_roles:
                 shown = repr(printable(their_role, 40)) if isinstance(their_role, str) else type(their_role).__name__
                 raise HandshakeError(f"role mismatch: this party ({role!r}) accepts {sorted(peer_roles)}, "
                                      f"but the peer says it is {shown}")
-            peer_terms = _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer,
-                                      terms=terms, bind=bind, cert=transport.peer_cert)
+            peer_terms, alive = _check_hello(theirs, role=role, peer_role=their_role, session=session, peer=peer,
+                                             terms=terms, bind=bind, cert=transport.peer_cert)
             if admit is not None:
                 admit(their_role, session, peer_terms)
         except HandshakeError as e:
@@ -603,7 +679,7 @@ async def accept_channel(
         await transport.close()
         raise
     channel = Channel(transport, meter, link=link, timeout=link_timeout,
-                      bind=_binding(session) if bind else None, max_unread=max_unread)
+                      bind=_binding(session) if bind else None, max_unread=max_unread, keepalive=alive)
     channel.peer_terms = peer_terms
     channel.start()
     return channel, their_role, session

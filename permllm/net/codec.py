@@ -5,7 +5,8 @@ protocols or models. :func:`packb`/:func:`unpackb` serialise plain data
 (None, bool, int, float, str, bytes, lists, tuples, dicts) plus numpy arrays
 and CPU torch tensors as msgpack ext types, never with pickle.
 :func:`encode_message`/:func:`decode_message` wrap a payload in the
-``[tag, phase, stamp, payload]`` envelope that ``Channel`` sends.
+``[tag, phase, stamp, payload]`` envelope that ``Channel`` sends;
+:func:`encode_keepalive` makes the envelope of a keep-alive frame.
 
 Decoding is strict: anything malformed raises :class:`FrameError`.
 """
@@ -19,9 +20,11 @@ import numpy as np
 
 from .errors import FrameError
 
-__all__ = ["DEFAULT_MAX_FRAME", "packb", "unpackb", "encode_message", "decode_message"]
+__all__ = ["DEFAULT_MAX_FRAME", "KEEPALIVE", "packb", "unpackb", "encode_message", "decode_message",
+           "encode_keepalive"]
 
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+KEEPALIVE = "!alive"  # the reserved tag kind of a keep-alive frame
 
 EXT_NDARRAY = 1
 EXT_TORCH = 2
@@ -229,4 +232,21 @@ def decode_message(body: bytes, session: bytes | None = None) -> tuple[tuple, st
         raise FrameError(f"bad message: phase must be a str, got {_brief(phase)}")
     if type(stamp) is not int or stamp < 0:
         raise FrameError(f"bad message: stamp must be an int >= 0, got {_brief(stamp)}")
+    if tag[0] == KEEPALIVE:
+        wrong = [what for what, bad in (("a longer tag", len(tag) != 1), ("another phase", phase != "setup"),
+                                        ("a stamp", stamp != 0), ("a payload", payload is not None)) if bad]
+        if wrong:
+            raise FrameError(f"bad keep-alive frame: expected [[{KEEPALIVE!r}], 'setup', 0, nil], got "
+                             f"{', '.join(wrong)}")
     return tuple(tag), phase, stamp, payload
+
+
+def encode_keepalive(session: bytes | None = None) -> bytes:
+    """The body of a keep-alive frame: it shows that the sender is alive and carries nothing.
+
+    Wire format: the envelope ``[["!alive"], "setup", 0, nil]`` (plus ``session``
+    on a session-bound channel, as every frame); :func:`decode_message` refuses
+    any other envelope with the tag kind ``"!alive"``. 27 bytes with a binding,
+    17 without, plus the 4-byte length prefix.
+    """
+    return encode_message((KEEPALIVE,), "setup", 0, None, session)

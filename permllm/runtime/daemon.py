@@ -19,7 +19,9 @@ refuses malformed or already-used session ids and, past ``limits.max_sessions``,
 answers "busy". A session whose peer fails (gone, silent past
 ``limits.message_timeout``, malformed or invalid message) is ended, the other
 peers are told why (``Channel.abort``), and its state is freed; other sessions go
-on. ``stop()`` (SIGTERM) stops accepting, lets running sessions finish within
+on. Silent means no sign of life: every party sends keep-alives on its idle links,
+so a peer that is busy elsewhere or has nothing to say is not ended, a dead or
+hung one is. ``stop()`` (SIGTERM) stops accepting, lets running sessions finish within
 ``limits.drain_timeout`` and ends the rest.
 
 Logs name sessions, peers' addresses and certificate names, counts and errors;
