@@ -37,7 +37,7 @@ import numpy as np
 from . import he_matmul
 from .party import Party, ProtocolError, Role
 
-__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "dealt_batch"]
+__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "dealt_batch", "public_scale"]
 
 WeightKind = str  # "dense": x @ W.T (W: out×in) · "transposed": x @ W (W: in×out) · "diag": x * w
 SETUP_CHUNK = 1 << 22  # elements per setup message (32 MiB in float64)
@@ -48,7 +48,7 @@ class _Weight:
     """What one party keeps of a private weight after setup."""
 
     shape: tuple[int, ...]
-    scale: float            # public: max |W|; U_W has width R·scale
+    scale: float            # public: max |W| rounded up to a power of two; U_W has width R·scale
     value: np.ndarray | None = None   # M: W; U: D = W − U_W; H: U_W (regenerated lazily)
     chunks: int = 1
     extra: dict = field(default_factory=dict)
@@ -71,7 +71,7 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
     """Setup phase for one private weight (M passes it; U and H pass nothing, or the ``shape`` they expect).
 
     Learns: U gets D = W − U_W, W hidden by a uniform mask of width R·max|W|
-    (plus the public scalars shape and max|W|); H gets shape and max|W| only;
+    (plus the public shape and max|W| rounded up to a power of two); H gets those only;
     M learns nothing. In the light mode U, like H, gets only shape and max|W|.
     """
     kind = "setup"
@@ -80,7 +80,7 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
         if weight is None:
             raise ValueError("the model party must pass the weight")
         W = np.ascontiguousarray(weight, dtype=p.dtype)
-        scale = float(np.max(np.abs(W))) if W.size else 0.0
+        scale = public_scale(W)
         if not math.isfinite(scale):
             raise ValueError(f"weight {name!r} contains inf or nan")
         rows = _chunk_rows(W.shape)
@@ -116,6 +116,13 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
             D[lo:lo + len(part)] = part
         w.value = D
     p.weights[name] = w
+
+
+def public_scale(W: np.ndarray) -> float:
+    """The scale the setup publishes for a weight: max|W| rounded up to a power of two (0 for zeros;
+    inf/nan stay so, for the caller to refuse) — not max|W| itself, a fingerprint of the weights."""
+    m = float(np.max(np.abs(W))) if W.size else 0.0
+    return 2.0 ** math.ceil(math.log2(m)) if 0 < m < math.inf else m
 
 
 def _check_meta(meta: object, name: str, light: bool,

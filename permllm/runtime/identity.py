@@ -21,6 +21,7 @@ import numpy as np
 
 from ..model import Arch, ModelWeights, weight_names
 from ..protocols import Party, ShareConfig
+from ..protocols.linear import public_scale
 
 __all__ = ["model_fingerprint", "weights_fingerprint", "received_fingerprint", "share_terms"]
 
@@ -50,7 +51,7 @@ def weights_fingerprint(weights: ModelWeights, config: ShareConfig, mags: Mappin
     meta = {}
     for name, _ in weight_names(weights.arch, config.route):
         w = np.asarray(weights[name], dtype=config.np_dtype)
-        meta[name] = (w.shape, float(np.max(np.abs(w))) if w.size else 0.0)
+        meta[name] = (w.shape, public_scale(w))
     return model_fingerprint(weights.arch, config, meta, mags)
 
 
