@@ -107,7 +107,7 @@ def table(res: dict[str, dict]) -> str:
                 smol(lambda r: f"{r['offline_ms_per_token']:.0f} / {r['online_ms_per_token']:.0f} ms = "
                                f"{r['offline_ms_per_token'] / r['online_ms_per_token']:.1f}×"), "—", "≤ 3×"),
             row("SmolLM2 hops per token (30 layers)", smol(lambda r: f"{r['hops_per_token']:.0f}"), "—",
-                "≤ 8·L + 6 = 246"),
+                "≤ 8·L + 8 = 248"),
             row("SmolLM2 traffic per token: online / offline",
                 smol(lambda r: f"{r['online_bytes_per_token'] / 1e6:.2f} / {r['offline_bytes_per_token'] / 1e6:.1f} MB"),
                 "—", "—"),

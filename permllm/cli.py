@@ -45,6 +45,17 @@ class _Bar:
         sys.stderr.flush()
 
 
+def _audit(args: argparse.Namespace) -> int:
+    """Print each role's counts and uniformity tests as JSON; exit 1 if a test fails."""
+    from .protocols.transcript import audit
+
+    report = audit(args.dir)
+    if not report:
+        raise SystemExit(f"permllm audit: no transcript (DIR/<role>/index.json) under {args.dir}")
+    print(json.dumps(report, indent=1))
+    return 0 if all(t["pass"] is not False for r in report.values() for t in r["uniformity"].values()) else 1
+
+
 async def _generate(args: argparse.Namespace) -> int:
     from . import connect, local
     from .protocols.sampling import Sampler
@@ -58,10 +69,10 @@ async def _generate(args: argparse.Namespace) -> int:
         raise SystemExit("permllm generate: --model-party and --helper go together")
     if cfg["model_party"]:
         session = await connect(model=_tokenizer_source(cfg["model"], args.ids), settings=cfg, link=_link(args),
-                                progress=bar)
+                                progress=bar, transcript=args.transcript)
     else:
         session = await local(cfg["model"], transport=args.transport, config=cfg.share_config(), link=_link(args),
-                              progress=bar)
+                              progress=bar, transcript=args.transcript)
     async with session:
         prompt: Any = args.prompt
         if args.ids:
@@ -217,8 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="links between the embedded parties")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
     g.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
+    g.add_argument("--transcript", metavar="DIR", default=None,
+                   help="write every array each party here receives to DIR/<role>/ (index.json + .npy) for audits; "
+                        "check it with 'permllm audit DIR'")
     add_flags(g, frozenset({"user"}), serve=False)
     g.set_defaults(fn=lambda a: asyncio.run(_generate(a)))
+
+    au = sub.add_parser("audit", help="check a transcript: is every array that should be uniform uniform?")
+    au.add_argument("dir", metavar="DIR", help="a directory written by 'permllm generate --transcript DIR'")
+    au.set_defaults(fn=_audit)
 
     parties = frozenset({"model", "helper", "user"})
     s = sub.add_parser("serve", help="run a party daemon (model party, helper, or the user's OpenAI-compatible "

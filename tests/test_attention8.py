@@ -18,7 +18,7 @@ import pytest
 import permllm
 from permllm.model import Forward, LoadedModel, PlainOps, PrivateOps, StepShape, calibrate, load_model
 from permllm.model.arch import Arch
-from permllm.model.forward import weight_names
+from permllm.model.forward import setup_embedding, weight_names
 from permllm.model.layout import rope, split_heads
 from permllm.protocols import Role, ShareConfig, functions as F, matmul_shared, setup_weight
 from permllm.protocols.attention import AttnMags, AttnSpec, _W, attention_decode
@@ -203,6 +203,7 @@ async def _step_hops(lm: LoadedModel, route: str) -> tuple[int, float]:
     try:
         for name, _ in weight_names(a, route):
             await run_setup(trio, lambda p, name=name: setup_weight(p, name, weights[name] if p.is_model else None))
+        await run_setup(trio, lambda p: setup_embedding(p, weights if p.is_model else None, a))
 
         def graph(ids, step):
             return lambda p: fwd.step(PrivateOps(p, a, mags, weights if p.is_model else None, "g0."),
@@ -225,8 +226,8 @@ async def test_decode_layer_costs_8_hops(tmp_path):
     L = lm.arch.layers
     h8, err8 = await _step_hops(lm, "8")
     h12, err12 = await _step_hops(lm, "12")
-    # embedding 1 hop + layers + final norm 2 hops
-    assert (h8, h12) == (1 + 8 * L + 2, 1 + 12 * L + 2)
+    # embedding 3 hops (the one-hot, the lift to real shares) + layers + final norm 2 hops
+    assert (h8, h12) == (3 + 8 * L + 2, 3 + 12 * L + 2)
     assert err8 < 1e-3 and err12 < 1e-6
 
 

@@ -10,9 +10,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from permllm.protocols import (ProtocolError, ShareConfig, embed, functions as F, gelu, layer_norm, linear,
+from permllm.protocols import (Party, ProtocolError, ShareConfig, embed, functions as F, gelu, layer_norm, linear,
                                matmul_shared, reshare, rms_norm, setup_weight, silu, softmax, swiglu)
-from permllm.runtime import run_offline, run_online, run_setup
+from permllm.protocols.embedding import TABLE_SIG, setup_table
+from permllm.runtime import local_trio, run_offline, run_online, run_setup
 
 from .conftest import REL_TOL, Shares, online_counts, rel_err, run_both
 
@@ -181,22 +182,56 @@ async def test_attention_products_with_growing_cache(trio):
 
 
 async def test_embedding_lookup(trio):
+    """Exact ring lookup: M's messages are uniform mod 2^32 whatever the ids; 3 hops (one-hot, lift)."""
     vocab, hidden = 50, 12
     E = rng.normal(size=(vocab, hidden))
     ids = [3, 49, 0, 3]
-    await _setup(trio, "E", E)
-    g = lambda p: embed(p, "emb", ids if p.is_user else None, weight="E", vocab=vocab,  # noqa: E731
+    await run_setup(trio, lambda p: setup_table(p, "E", E if p.is_model else None))
+    g = lambda p: embed(p, "emb", ids if p.is_user else None, weight="E", table="E", vocab=vocab,  # noqa: E731
                         n_tokens=len(ids), mag_out=4.0)
     m, u = await run_both(trio, g)
-    assert rel_err(m + u, E[ids]) < REL_TOL["float64"]
-    assert online_counts(trio) == (1, 1)
-    # M's only online message is the masked one-hot: the ids do not appear in it.
-    assert trio.model.meter.total("online").msgs_recv == 1
+    assert np.max(np.abs(m + u - E[ids])) < 2.0**-(TABLE_SIG - 2) + 1e-9  # the table's encoding step
+    assert online_counts(trio) == (3, 3)
+    # M's first online message is onehot − r mod 2^32, r uniform: no entry tells a chosen id from the others.
+    assert trio.model.meter.total("online").msgs_recv == 2
+
+
+async def test_embedding_messages_are_uniform_whatever_the_ids(monkeypatch):
+    """Everything M receives in the lookup is uniform mod 2^32: the same id 2000 times gives uniform bytes
+    in every message (χ² over the byte values), at the chosen id's entries as elsewhere."""
+    vocab, hidden, n = 8, 4, 2000
+    E = rng.normal(size=(vocab, hidden))
+    t = await local_trio("memory", ShareConfig())
+    seen: list[np.ndarray] = []
+    orig = Party.recv
+
+    async def spy(self, frm, tag):
+        got = await orig(self, frm, tag)
+        if self.is_model and self.phase != "setup" and isinstance(got, np.ndarray):
+            seen.append(got)
+        return got
+    monkeypatch.setattr(Party, "recv", spy)
+    try:
+        await run_setup(t, lambda p: setup_table(p, "E", E if p.is_model else None))
+        g = lambda p: embed(p, "emb", [5] * n if p.is_user else None, weight="E", table="E",  # noqa: E731
+                            vocab=vocab, n_tokens=n, mag_out=4.0)
+        await run_both(t, g)
+    finally:
+        await t.close()
+    onehot = next(a for a in seen if a.shape == (n, vocab, 4))
+    for col in (5, 0):  # the chosen id's column and another
+        counts = np.bincount(onehot[:, col, :].ravel(), minlength=256)
+        chi2 = float(np.sum((counts - counts.mean()) ** 2 / counts.mean()))
+        assert chi2 < 400, (col, chi2)  # 255 degrees of freedom: mean 255, sd 22.6
+    for a in seen:
+        if a.dtype == np.uint8 and a.size >= 4000:
+            counts = np.bincount(a.ravel(), minlength=256)
+            assert float(np.sum((counts - counts.mean()) ** 2 / counts.mean())) < 400
 
 
 async def test_embedding_rejects_bad_ids(trio):
-    await _setup(trio, "E", rng.normal(size=(10, 4)))
-    g = lambda p: embed(p, "emb", [10] if p.is_user else None, weight="E", vocab=10,  # noqa: E731
+    await run_setup(trio, lambda p: setup_table(p, "E", rng.normal(size=(10, 4)) if p.is_model else None))
+    g = lambda p: embed(p, "emb", [10] if p.is_user else None, weight="E", table="E", vocab=10,  # noqa: E731
                         n_tokens=1, mag_out=4.0)
     await run_offline(trio, g)
     with pytest.raises(ProtocolError, match="out of range"):

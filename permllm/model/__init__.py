@@ -6,8 +6,9 @@ learned positions) and ChatGLM-6B (α-scaled LayerNorm residual, 2-D RoPE,
 bidirectional prefix).
 """
 from .arch import Arch, ModelWeights
-from .forward import Forward, PlainOps, PrivateOps, StepShape, calibrate, weight_names, weight_shape
+from .forward import (Forward, PlainOps, PrivateOps, StepShape, calibrate, public_bounds, setup_embedding,
+                      weight_names, weight_shape)
 from .loaders import DEFAULT_MODEL, LoadedModel, ModelFileError, from_chatglm, from_transformers, load_model
 
-__all__ = ["Arch", "ModelWeights", "Forward", "PlainOps", "PrivateOps", "StepShape", "calibrate", "weight_names",
-           "weight_shape", "DEFAULT_MODEL", "LoadedModel", "ModelFileError", "from_chatglm", "from_transformers", "load_model"]
+__all__ = ["Arch", "ModelWeights", "Forward", "PlainOps", "PrivateOps", "StepShape", "calibrate", "public_bounds",
+           "setup_embedding", "weight_names", "weight_shape", "DEFAULT_MODEL", "LoadedModel", "ModelFileError", "from_chatglm", "from_transformers", "load_model"]

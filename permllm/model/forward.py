@@ -21,10 +21,14 @@ import numpy as np
 from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
 from ..protocols import functions as F
 from ..protocols.attention import AttnMags, AttnSpec, attention_decode
+from ..protocols.embedding import setup_table
+
+RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
 from .arch import Arch, ModelWeights
 from .layout import merge_heads, positions, rope, split_heads, valid_lengths
 
-__all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate"]
+__all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
+           "setup_embedding", "RING_TABLE"]
 
 Value = Any  # np.ndarray, or None where a party holds no value
 
@@ -58,6 +62,18 @@ def weight_names(arch: Arch, route: str = "12") -> list[tuple[str, str]]:
     return out
 
 
+async def setup_embedding(p: Party, weights: ModelWeights | None, arch: Arch) -> None:
+    """The dealt mode's ring table for the embedding lookup (M passes its weights); nothing in the light mode."""
+    if p.config.offline == "he":
+        return
+    if p.is_model:
+        pos = weights.get("pos_embed") if arch.pos == "learned" else None  # type: ignore[union-attr]
+        added = float(np.max(np.abs(pos))) if pos is not None and pos.size else 0.0
+        await setup_table(p, RING_TABLE, weights["embed"], added=added)  # type: ignore[index]
+    else:
+        await setup_table(p, RING_TABLE, shape=(arch.vocab, arch.hidden))
+
+
 def weight_shape(arch: Arch, name: str) -> tuple[int, ...]:
     """The shape of the private weight ``name`` (one of :func:`weight_names`): what the user and the
     helper expect the model party's setup to announce."""
@@ -79,9 +95,7 @@ class Forward:
     async def step(self, ops: "PlainOps | PrivateOps", ids: Any, shape: StepShape) -> Value:
         """Logits (1, vocab) of the last new token, given the step's token ids (held by U)."""
         a = self.arch
-        x = await ops.embed("embed", ids, shape.T)
-        if a.pos == "learned":
-            x = ops.add_public(x, "pos_embed", shape.pos)
+        x = await ops.embed("embed", ids, shape.T, shape.pos if a.pos == "learned" else None)
         for i in range(a.layers):
             x = await self.layer(ops, i, x, shape)
         x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
@@ -178,11 +192,10 @@ class PlainOps:
     def add(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return x + y
 
-    def add_public(self, x: np.ndarray, weight: str, rows: np.ndarray) -> np.ndarray:
-        return self.note("embed+pos", x + self.w[weight][rows])
-
-    async def embed(self, name: str, ids: Any, T: int) -> np.ndarray:
-        return self.note(name, self.w["embed"][np.asarray(ids)])
+    async def embed(self, name: str, ids: Any, T: int, pos: np.ndarray | None = None) -> np.ndarray:
+        """E[ids], plus the learned positions' rows ``pos`` where the model has them."""
+        x = self.w["embed"][np.asarray(ids)]
+        return self.note(name, x if pos is None else x + self.w["pos_embed"][pos])
 
     async def linear(self, name: str, x: np.ndarray, weight: str, src: str, kind: str = "dense") -> np.ndarray:
         W = self.w[weight]
@@ -226,7 +239,8 @@ class PlainOps:
 
 async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
                     headroom: float = 2.0) -> dict[str, float]:
-    """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence.
+    """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence,
+    rounded up to a power of two (:func:`public_bounds`).
 
     Run by the model party (it holds the weights), with no knowledge of any prompt; the
     result is sent to the user and the helper in the setup phase.
@@ -238,8 +252,15 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
     fwd = Forward(a)
     await fwd.step(ops, ids[:-1], StepShape(a, n - 1, 0))
     await fwd.step(ops, ids[-1:], StepShape(a, n - 1, 1))
-    return {k: np.maximum(headroom * np.asarray(v), 1e-3) if np.ndim(v) else max(headroom * v, 1e-3)
-            for k, v in ops.mags.items()}
+    return public_bounds(ops.mags, headroom)
+
+
+def public_bounds(mags: dict[str, Any], headroom: float = 2.0) -> dict[str, float]:
+    """What the setup may publish of recorded magnitudes: one scalar per op, headroom × its max, rounded up
+    to a power of two — no per-column (per-vocabulary-entry) maxima, which were a free model query and a
+    fingerprint of the weights."""
+    return {k: 2.0 ** math.ceil(math.log2(max(headroom * float(np.max(v)), 1e-3)))
+            for k, v in mags.items() if not k.endswith("|col")}
 
 
 def _traced(fn: Callable) -> Callable:
@@ -284,16 +305,13 @@ class PrivateOps:
     def add(self, x: Value, y: Value) -> Value:
         return None if x is None or y is None else x + y
 
-    def add_public(self, x: Value, weight: str, rows: np.ndarray) -> Value:
-        """Public-index rows of a model-only table (learned positions): M adds them to its share."""
-        if self.p.is_model and x is not None:
-            return x + self.w[weight][rows]  # type: ignore[index]
-        return x
-
     @_traced
-    async def embed(self, name: str, ids: Any, T: int) -> Value:
-        return await embed(self.p, name, ids, weight="embed", vocab=self.arch.vocab, n_tokens=T,
-                           mag_out=self._col(name))
+    async def embed(self, name: str, ids: Any, T: int, pos: np.ndarray | None = None) -> Value:
+        """The lookup of U's ids in M's ring table ``embed.ring`` (the light mode: real weight ``embed``); M adds
+        the learned positions' rows ``pos`` (a table of its own, public indices)."""
+        add = self.w["pos_embed"][pos] if self.p.is_model and pos is not None else None  # type: ignore[index]
+        return await embed(self.p, name, ids, weight="embed", table=RING_TABLE, vocab=self.arch.vocab, n_tokens=T,
+                           mag_out=self._col(name), add=add)
 
     @_traced
     async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:

@@ -1,55 +1,262 @@
-"""Embedding lookup of token ids the user holds.
+"""Embedding lookup of token ids the user holds: exact ring arithmetic, perfectly hiding.
 
-The user's one-hot rows are shared (M's share 0, U's the one-hot) and swapped for an
-H-derivable share: U sends onehot − r where r is drawn uniformly from the *integers*
-in [−R/2, R/2), so the message is integer-valued and travels as int16 (int32 for
-R > 2¹⁵) — a quarter of float64's bytes, and exact. Then M's private embedding table
-multiplies it with the zero-round linear (``kind="transposed"``: the table is
-vocab × hidden, the same setup a tied LM head uses). 1 online message U → M.
+**Dealt mode (the default)** — the table E (vocab × hidden) is encoded in Z_2^k
+(k = :data:`TABLE_BITS`, :mod:`permllm.protocols.ring`) at the public scale 2^-s, s =
+:data:`TABLE_SIG` − ⌈log₂ max|E|⌉ (the only published number besides the shape).
 
-Learns: M receives onehot − r, each entry hidden by a uniform integer mask over R
-values (statistical distance 1/R per lookup, the real-number sharing trade-off; see
-README); U and H learn nothing of the table.
+* setup (:func:`setup_table`): U_E uniform mod 2^k from s_MH; M sends D = E − U_E mod 2^k
+  to U (uniform whatever the table), H regenerates U_E.
+* offline: r uniform mod 2^k (T × vocab, from s_UH); U sends r·D + t, H sends r·U_E − t − r₂
+  (t, r₂ from s_UH): M holds r·E − r₂.
+* online hop 1, U → M: onehot − r mod 2^k, which is uniform whatever the ids; M computes
+  x_M = (onehot − r)·E + r·E − r₂ = E[ids] − r₂, U's share is r₂: an exact ring sharing.
+* hops 2–3, the lift to the real-number shares of the layers: M reveals π(x) to U (π from
+  s_MH, one permutation per row; H dealt δ = π(r₂) − b mod 2^k), U decodes it, checks it
+  against the encoding range (:class:`~permllm.protocols.ring.RingOverflow` otherwise)
+  and reshares it with :func:`~permllm.protocols.permute.reshare_unpermute`.
+
+Learns: M receives onehot − r (uniform mod 2^k) and r·D + t, r·U_E − t − r₂ (uniform mod
+2^k: t and r₂ are fresh) — nothing of the ids, exactly. U receives D (uniform) and, at
+the lift, π(E[ids] + positions) — the multiset the first norm reveals anyway (the PermLLM
+leakage). H receives nothing. A learned position table is added by M before the lift.
+
+**Light mode** (``config.offline == "he"``) keeps the real-number lookup: U sends
+onehot − r with r uniform over the integers in [−R/2, R/2) (int16 on the wire), then the
+zero-round linear. That is statistical hiding (the measured audit: about 0.4 bits of each
+id, and the exact id with probability 1/R per lookup) until the light client's HE
+products are exact (docs/ring.md).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from .linear import linear
+from . import ring
+from .linear import SETUP_CHUNK, linear
 from .party import Party, ProtocolError, Role
+from .permute import Perm, reshare_unpermute
 
-__all__ = ["embed"]
+__all__ = ["embed", "setup_table", "TABLE_BITS", "TABLE_SIG"]
+
+TABLE_BITS = 32  # Z_2^32: int32 products (torch), 4 bytes per one-hot entry online
+TABLE_SIG = 24   # fractional bits below the largest entry: float32-like precision, ≥ 6 bits of headroom
+
+
+@dataclass(slots=True)
+class _Table:
+    """What a party keeps of the ring-encoded table after setup."""
+
+    shape: tuple[int, int]
+    scale: int                        # public: fractional bits of the encoding
+    value: np.ndarray | None = None   # M: E as ring words; U: D = E − U_E; H: U_E (regenerated lazily)
+    extra: dict = field(default_factory=dict)
+
+
+def _rows(shape: tuple[int, int]) -> int:
+    return max(1, SETUP_CHUNK // max(shape[1], 1))
+
+
+def _ue_chunk(p: Party, name: str, shape: tuple[int, int], i: int) -> np.ndarray:
+    rows = _rows(shape)
+    n = min(rows, shape[0] - i * rows)
+    return _mask(p.view("setup", -1), "mh", name, f"UE{i}", (n, shape[1]))
+
+
+def _mask(p: Party, which: str, name: str, purpose: str, shape: tuple[int, ...]) -> np.ndarray:
+    return p.gen(which, name, purpose).ring(shape, TABLE_BITS).astype(ring.word(TABLE_BITS))
+
+
+def table_scale(bound: float) -> int:
+    """The public scale of a table whose lookups (with anything added) stay below ``bound`` in magnitude:
+    :data:`TABLE_SIG` fractional bits below the bound's power of two."""
+    if not math.isfinite(bound):
+        raise ValueError("the embedding table contains inf or nan")
+    return TABLE_SIG - (math.ceil(math.log2(bound)) if bound > 0 else 0)
+
+
+async def setup_table(p: Party, name: str, table: np.ndarray | None = None, *,
+                      shape: tuple[int, int] | None = None, added: float = 0.0) -> None:
+    """Setup of the ring-encoded table ``name`` (M passes it, and ``added``: a bound of what it will add to a
+    lookup, e.g. learned positions; U and H pass the ``shape`` they expect).
+
+    Learns: U gets D = E − U_E mod 2^k, uniform whatever E; U and H get the shape and the scale
+    (the power of two above max|E| + ``added``).
+    """
+    k = TABLE_BITS
+    if p.is_model:
+        if table is None or np.ndim(table) != 2:
+            raise ValueError("the model party must pass the table (vocab × hidden)")
+        E = np.asarray(table, dtype=np.float64)
+        scale = table_scale((float(np.max(np.abs(E))) if E.size else 0.0) + added)
+        Ei = ring.encode(E, scale, k, f"embedding table {name!r}")
+        chunks = -(-E.shape[0] // _rows(E.shape))
+        meta = {"shape": list(E.shape), "scale": scale, "bits": k, "chunks": chunks}
+        p.send(Role.HELPER, ("setup", name, "meta"), meta)
+        p.send(Role.USER, ("setup", name, "meta"), meta)
+        rows = _rows(E.shape)
+        for i in range(chunks):
+            d = Ei[i * rows:(i + 1) * rows] - _ue_chunk(p, name, E.shape, i)
+            p.send(Role.USER, ("setup", name, i), ring.pack(ring.mod(d, k), k))
+            await p.channels[Role.USER].flush()  # bound memory: one chunk in flight
+        p.weights[name] = _Table(E.shape, scale, Ei)
+        return
+    meta = await p.recv(Role.MODEL, ("setup", name, "meta"))
+    if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and len(meta["shape"]) == 2
+            and all(type(n) is int and n > 0 for n in meta["shape"]) and type(meta.get("scale")) is int
+            and 0 <= meta["scale"] <= 62 and meta.get("bits") == k and type(meta.get("chunks")) is int):
+        raise ProtocolError(f"bad setup metadata for table {name!r}")
+    shp = (meta["shape"][0], meta["shape"][1])
+    if shape is not None and shp != tuple(shape):
+        raise ProtocolError(f"setup metadata of table {name!r}: shape {shp}, expected {tuple(shape)}")
+    if meta["chunks"] != -(-shp[0] // _rows(shp)):
+        raise ProtocolError(f"setup metadata of table {name!r}: {meta['chunks']} chunks for shape {shp}")
+    t = _Table(shp, meta["scale"])
+    if p.is_user:
+        D = np.empty(shp, dtype=ring.word(k))
+        rows = _rows(shp)
+        for i in range(meta["chunks"]):
+            n = min(rows, shp[0] - i * rows)
+            got = await p.recv(Role.MODEL, ("setup", name, i), modulus=256)
+            try:
+                D[i * rows:i * rows + n] = ring.unpack(got, k, (n, shp[1]), f"setup chunk {i} of {name!r}")
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+        t.value = D
+    p.weights[name] = t
+
+
+def _helper_table(p: Party, name: str) -> np.ndarray:
+    """H's U_E, regenerated from the s_MH stream on first use and kept."""
+    t = p.weights[name]
+    if t.value is None:
+        t.value = np.concatenate([_ue_chunk(p, name, t.shape, i) for i in range(-(-t.shape[0] // _rows(t.shape)))])
+    return t.value
+
+
+async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weight: str, vocab: int,
+                n_tokens: int, mag_out: float | np.ndarray, table: str | None = None,
+                add: np.ndarray | None = None) -> np.ndarray | None:
+    """[E[ids] (+ add)] as real-number shares, for ``n_tokens`` ids known to U only (U passes them online).
+
+    ``table`` names the ring table of the dealt mode (:func:`setup_table`); ``weight`` the
+    real-number weight of the light mode. ``add`` (M only): public-index rows of a table of
+    M's (learned positions), added to the result. 3 online hops in the dealt mode, 1 in the
+    light mode. See the module docstring for what each party learns.
+    """
+    if p.config.offline == "he":
+        return await _embed_light(p, name, ids, weight=weight, vocab=vocab, n_tokens=n_tokens, mag_out=mag_out,
+                                  add=add)
+    if table is None or table not in p.weights:
+        raise ProtocolError(f"embed {name!r}: the ring table {table!r} was not set up")
+    t: _Table = p.weights[table]
+    k, d = TABLE_BITS, t.shape[1]
+    if t.shape[0] != vocab:
+        raise ProtocolError(f"embed {name!r}: table of {t.shape[0]} rows for a vocabulary of {vocab}")
+    oh, out_shape = name + ".onehot", (n_tokens, d)
+    tag = lambda part: p.tag("embed", oh, part)  # noqa: E731
+    if p.phase == "offline":
+        if p.is_model:
+            hb = await p.recv(Role.HELPER, tag("h"), modulus=256)
+            ub = await p.recv(Role.USER, tag("u"), modulus=256)
+            try:
+                corr = ring.unpack(ub, k, out_shape, f"embed {name!r} from the user") + ring.unpack(
+                    hb, k, out_shape, f"embed {name!r} from the helper")
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+            p.keep(oh, ring.mod(corr, k))
+            p.keep(oh + "/lift", await _recv_delta(p, name, out_shape))
+            x_u = None
+        else:
+            r = _mask(p, "uh", oh, "r", (n_tokens, vocab))
+            y = await p.compute(ring.matmul, r, t.value if p.is_user else _helper_table(p, table), k,
+                                work=r.size * d)
+            tm = _mask(p, "uh", oh, "t", out_shape)
+            x_u = _mask(p, "uh", oh, "r2", out_shape)
+            if p.is_user:
+                p.send(Role.MODEL, tag("u"), ring.pack(ring.mod(y + tm, k), k))
+                p.keep(oh, r)
+                p.keep(oh + "/lift", _mask(p, "uh", name, "b", out_shape))
+            else:
+                p.send(Role.MODEL, tag("h"), ring.pack(ring.mod(y - tm - x_u, k), k))
+                pi = Perm.draw(p.gen("mh", name, "pi"), out_shape, "rows")
+                delta = ring.mod(pi.apply(x_u) - _mask(p, "uh", name, "b", out_shape), k)
+                p.send(Role.MODEL, p.tag("lift", name, "delta"), ring.pack(delta, k))
+        return await reshare_unpermute(p, name, None, mag=_scalar(mag_out), mode="rows", shape=out_shape,
+                                       mag_share=mag_out)
+    if p.is_helper:
+        raise ProtocolError(f"embed {name!r}: the helper has no online branch")
+    if p.is_user:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.shape != (n_tokens,):
+            raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
+        msg = -p.take(oh)
+        msg[np.arange(n_tokens), ids] += msg.dtype.type(1)
+        p.send(Role.MODEL, tag("x"), ring.pack(ring.mod(msg, k), k))
+        b = p.take(oh + "/lift")
+        m = await p.recv(Role.MODEL, p.tag("lift", name, "m"), modulus=256)
+        try:
+            seen = ring.mod(ring.unpack(m, k, out_shape, f"embed {name!r}: the lift from the model party") + b, k)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        # In range: |E[id] + added rows| ≤ 2^(TABLE_SIG − scale) by the choice of the scale.
+        y = ring.decode(seen, t.scale, k, f"embed {name!r}", range_bits=TABLE_SIG - t.scale)
+        return await reshare_unpermute(p, name, y, mag=_scalar(mag_out), mode="rows", mag_share=mag_out)
+    corr = p.take(oh)
+    delta = p.take(oh + "/lift")
+    got = await p.recv(Role.USER, tag("x"), modulus=256)
+    try:
+        dx = ring.unpack(got, k, (n_tokens, vocab), f"embed {name!r} from the user")
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+    x = ring.mod(await p.compute(ring.matmul, dx, t.value, k, work=dx.size * d) + corr, k)
+    if add is not None:
+        x = ring.mod(x + ring.encode(add, t.scale, k, f"embed {name!r}: added rows"), k)
+    pi = Perm.draw(p.gen("mh", name, "pi"), out_shape, "rows")
+    p.keep(name + "/pi", pi)
+    p.send(Role.USER, p.tag("lift", name, "m"), ring.pack(ring.mod(pi.apply(x) + delta, k), k))
+    return await reshare_unpermute(p, name, None, mag=_scalar(mag_out), mode="rows", shape=out_shape,
+                                   mag_share=mag_out)
+
+
+async def _recv_delta(p: Party, name: str, shape: tuple[int, int]) -> np.ndarray:
+    got = await p.recv(Role.HELPER, p.tag("lift", name, "delta"), modulus=256)
+    try:
+        return ring.unpack(got, TABLE_BITS, shape, f"embed {name!r}: the lift from the helper")
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+
+
+def _scalar(mag: float | np.ndarray) -> float:
+    return float(np.max(mag))
 
 
 def _wire_dtype(ratio: float) -> np.dtype:
     return np.dtype(np.int16) if ratio <= 2**15 else np.dtype(np.int32)
 
 
-async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weight: str, vocab: int,
-                n_tokens: int, mag_out: float | np.ndarray) -> np.ndarray | None:
-    """[E[ids]] for ``n_tokens`` ids known to U only (U passes them online; others pass None)."""
+async def _embed_light(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weight: str, vocab: int,
+                       n_tokens: int, mag_out: float | np.ndarray, add: np.ndarray | None) -> np.ndarray | None:
+    """The light mode's real-number lookup (module docstring): 1 online message U → M."""
     oh = name + ".onehot"
     half = int(p.ratio) // 2
     wire = _wire_dtype(p.ratio)
 
     def mask() -> np.ndarray:
-        """r, in the wire dtype (U keeps it so: the online message is then integer work only)."""
         return p.gen("uh", oh, "r").integers(-half, half, size=(n_tokens, vocab), dtype=wire)
 
     if p.phase == "offline":
-        x = None
-        if not p.is_model:
-            r = mask()
-            if p.is_user and p.config.offline != "he":  # the light client draws r again online
-                p.keep(oh, r)
-            x = r.astype(p.dtype)
+        x = None if p.is_model else mask().astype(p.dtype)
     elif p.is_user:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.shape != (n_tokens,):
             raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
-        r = mask() if p.config.offline == "he" else p.take(oh)
+        r = mask()
         d = -r
         d[np.arange(n_tokens), ids] += 1
         p.send(Role.MODEL, p.tag("embed", oh, "u"), d)
@@ -61,4 +268,7 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         x = d.astype(p.dtype)
     else:
         raise ProtocolError(f"embed {name!r}: the helper has no online branch")
-    return await linear(p, name, x, weight, mag_in=1.0, mag_out=mag_out, kind="transposed", l2_in=1.0)
+    out = await linear(p, name, x, weight, mag_in=1.0, mag_out=mag_out, kind="transposed", l2_in=1.0)
+    if add is not None and p.is_model and out is not None:
+        out = out + add
+    return out

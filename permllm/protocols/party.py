@@ -27,6 +27,7 @@ import numpy as np
 from ..net import Channel, Meter
 from .config import ShareConfig
 from .prg import stream, uniform_mask
+from .transcript import Transcript
 
 __all__ = ["Role", "Party", "ProtocolError", "OpRecord"]
 
@@ -55,7 +56,7 @@ class Party:
     """Context of one party: role, channels, seeds, phase, and state kept across phases."""
 
     __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds",
-                 "trace", "op")
+                 "trace", "op", "transcript")
 
     def __init__(self, role: Role, channels: Mapping[Role, Channel], config: ShareConfig, meter: Meter) -> None:
         self.role = Role(role)
@@ -70,6 +71,7 @@ class Party:
         self._seeds: dict[str, bytes] = {}
         self.trace: list[OpRecord] | None = None  # profiling: finished op records (shared by views)
         self.op: OpRecord | None = None  # profiling: the op this view is running
+        self.transcript: Transcript | None = None  # audits: every array received (protocols/transcript.py)
 
     def view(self, phase: str, token: int) -> "Party":
         """The same party (shared channels, seeds and state) in another phase/token.
@@ -209,15 +211,18 @@ class Party:
             self.op.msgs_sent += 1
             self.op.bytes_sent += payload_bytes(payload)
 
-    async def recv(self, frm: Role, tag: tuple) -> Any:
+    async def recv(self, frm: Role, tag: tuple, *, modulus: int | None = None) -> Any:
+        """The message ``tag`` from ``frm``; ``modulus``: the m its elements are uniform on [0, m) whatever the
+        secrets (for the audit transcript; None for real-number or public values)."""
         op = self.op  # the op this message is for (a task outliving its op may run on)
-        if op is None:
-            return await self.channels[frm].recv(tag)
         t0 = time.perf_counter()
         out = await self.channels[frm].recv(tag)
-        op.wait_s += time.perf_counter() - t0
-        op.msgs_recv += 1
-        op.bytes_recv += payload_bytes(out)
+        if op is not None:
+            op.wait_s += time.perf_counter() - t0
+            op.msgs_recv += 1
+            op.bytes_recv += payload_bytes(out)
+        if self.transcript is not None:
+            self.transcript.record(frm.value, tag, out, modulus)
         return out
 
     @contextlib.asynccontextmanager

@@ -200,7 +200,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     from :func:`apply_permuted`).
 
     With a ``valid`` prefix per row, only the prefixes' entries are sent and both new shares
-    are 0 past them (U's ``y`` must be 0 there: a softmax over the prefix).
+    are 0 past them (a softmax over the prefix; U's ``y`` there is not used).
 
     Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
     their combination y − b′ stays hidden by b′. H learns nothing.
@@ -239,8 +239,6 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         keep = _prefix(tuple(y.shape), mode, valid)
-        if keep is not None and np.any(np.asarray(y)[~keep] != 0):
-            raise ProtocolError(f"reshare_unpermute {name!r}: the output must be 0 past each row's valid prefix")
         p.send(Role.MODEL, p.tag("unperm", name, "y"), _pack(np.asarray(y, dtype=p.dtype) - a, keep))
         if light:  # drawn after the message has left: off the online critical path
             b = _zero_tail(_b_mask(p, name, y.shape, mag_b, again=True), keep)

@@ -79,7 +79,7 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
             tau = np.roll(tab.astype(dt), -_offset(p, name, length)) ^ _pad(p, name, length)
             p.send(Role.USER, p.tag("pir", name, "table"), tau)
         elif p.is_user:
-            tau = await p.recv(Role.HELPER, p.tag("pir", name, "table"))
+            tau = await p.recv(Role.HELPER, p.tag("pir", name, "table"), modulus=1 << (8 * dt.itemsize))
             check_array(tau, dt, (length,), f"retrieve {name!r}: the helper's table")
             p.keep(name + "/table", tau)
         return None
@@ -94,14 +94,14 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
         tau = p.take(name + "/table")
         j = (int(index) - _offset(p, name, length)) % length
         p.send(Role.MODEL, tag_q, j)
-        k = await p.recv(Role.MODEL, tag_a)
+        k = await p.recv(Role.MODEL, tag_a, modulus=1 << (8 * dt.itemsize))
         if not (isinstance(k, int) and 0 <= k <= np.iinfo(dt).max):
             raise ProtocolError(f"retrieve {name!r}: expected a pad entry (an integer) from the model party")
         out = int(tau[j]) ^ k
         if out >= length:
             raise ProtocolError(f"retrieve {name!r}: the retrieved entry {out} is not below {length}")
         return out
-    j = await p.recv(Role.USER, tag_q)
+    j = await p.recv(Role.USER, tag_q, modulus=length)
     if not (isinstance(j, int) and not isinstance(j, bool) and 0 <= j < length):
         raise ProtocolError(f"retrieve {name!r}: expected an index in [0, {length}) from the user, got {j!r}")
     p.send(Role.USER, tag_a, int(_pad(p, name, length)[j]))

@@ -18,6 +18,7 @@ import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 from ..model import DEFAULT_MODEL, LoadedModel, load_model
@@ -26,6 +27,7 @@ from ..net import Channel, HandshakeError, LinkEmulator, Meter, NetError, open_c
 from ..net.tls import check_pin
 from ..protocols import Party, ProtocolError, Role, ShareConfig
 from ..protocols.sampling import Sampler
+from ..protocols.transcript import Transcript
 from .config import PartyConfig, load_config
 from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
@@ -200,11 +202,13 @@ def _totals(m: Meter) -> tuple[int, int, int]:
 
 async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "memory",
                 config: ShareConfig | None = None, link: LinkEmulator | None = None,
-                progress: Callable[[str, int, int], None] | None = None, offline: str | None = None) -> Session:
+                progress: Callable[[str, int, int], None] | None = None, offline: str | None = None,
+                transcript: str | Path | None = None) -> Session:
     """All three parties in this process (the embedded default); returns a ready :class:`Session`.
 
     ``offline="he"`` selects the light client (no masked weights at the user; CKKS products in
-    the offline phase), overriding ``config.offline``.
+    the offline phase), overriding ``config.offline``. ``transcript``: a directory where each
+    party writes every array it receives, for audits (:mod:`permllm.protocols.transcript`).
     """
     lm = model if isinstance(model, LoadedModel) else await asyncio.to_thread(load_model, model)
     t0 = time.perf_counter()
@@ -212,6 +216,9 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
     if offline is not None:
         config = dataclasses.replace(config, offline=offline)
     trio: Trio = await local_trio(transport, config, link=link, seeds=False)
+    if transcript is not None:
+        for p in trio.parties:
+            p.transcript = Transcript(transcript, p.role.value)
     ms, us, hs = ModelSession(trio.model, lm.weights), UserSession(trio.user), HelperSession(trio.helper)
     try:
         await gather_fail_fast([ms.setup(), us.setup(progress), hs.setup()])
@@ -226,6 +233,9 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
             await asyncio.wait_for(served, 30)
         finally:
             await trio.close()
+            for p in trio.parties:
+                if p.transcript is not None:
+                    p.transcript.close()
 
     served.add_done_callback(lambda t: t.cancelled() or t.exception() is None
                              or asyncio.ensure_future(trio.close()))
@@ -246,7 +256,8 @@ def parse_addr(addr: str) -> tuple[str, int]:
 async def connect(model_party: str | None = None, helper: str | None = None, *, model: str | None = DEFAULT_MODEL,
                   config: ShareConfig | None = None, settings: PartyConfig | None = None,
                   link: LinkEmulator | None = None,
-                  progress: Callable[[str, int, int], None] | None = None, offline: str | None = None) -> Session:
+                  progress: Callable[[str, int, int], None] | None = None, offline: str | None = None,
+                  transcript: str | Path | None = None) -> Session:
     """The user side of a session with a model daemon and a helper daemon (``HOST:PORT`` each).
 
     ``settings`` is the user party's configuration (:func:`~permllm.runtime.config.load_config`
@@ -257,7 +268,8 @@ async def connect(model_party: str | None = None, helper: str | None = None, *, 
     None: no tokenizer, token ids only). ``config`` overrides the settings' dtype and
     ratio. After the setup the user checks that what it received has the fingerprint
     the model party stated in the handshake. ``offline="he"`` asks for the light client
-    (the daemons must serve it: ``--offline he``).
+    (the daemons must serve it: ``--offline he``). ``transcript``: a directory where the
+    user writes every array it receives (``DIR/user``, :mod:`permllm.protocols.transcript`).
     """
     settings = settings or load_config("user")
     config = config or settings.share_config()
@@ -285,6 +297,8 @@ async def connect(model_party: str | None = None, helper: str | None = None, *, 
                     raise HandshakeError("the model party stated no model fingerprint in its handshake")
                 terms["model"] = stated
         p = Party(Role.USER, chans, config, meter)
+        if transcript is not None:
+            p.transcript = Transcript(transcript, "user")
         us = UserSession(p)
         await us.setup(progress)
         got = received_fingerprint(p, us.arch, us.mags)  # type: ignore[arg-type]
@@ -298,6 +312,8 @@ async def connect(model_party: str | None = None, helper: str | None = None, *, 
     async def close() -> None:
         for ch in chans.values():
             await ch.close()
+        if p.transcript is not None:
+            p.transcript.close()
 
     return Session(us, tokenizer, [meter], [close], time.perf_counter() - t0)
 

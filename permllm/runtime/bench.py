@@ -31,6 +31,7 @@ from .profile import enable, op_kind
 
 __all__ = ["KEYS", "bench_smollm2", "bench_chatglm_layer"]
 
+EDGE_HOPS = 3 + 2 + 3  # per token besides the layers: embedding (one-hot, lift), final norm, token selection
 KEYS = ("online_ms_per_token", "plaintext_ms_per_token", "offline_ms_per_token", "hops_per_layer",
         "hops_per_token", "online_bytes_per_token", "offline_bytes_per_token", "setup_bytes", "ttft_ms",
         "plaintext_ttft_ms")
@@ -148,7 +149,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
     """
     import torch
 
-    from ..model import Forward, ModelWeights, PlainOps, PrivateOps, StepShape, from_chatglm
+    from ..model import Forward, ModelWeights, PlainOps, PrivateOps, StepShape, from_chatglm, public_bounds
     from ..model.chatglm_ref import ChatGLMConfig, init_weights
 
     cfg = full = ChatGLMConfig.full()
@@ -172,7 +173,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
         t0 = time.perf_counter()
         await fwd.layer(timed, 0, x.astype(dtype), sh)
         plain_s.append(time.perf_counter() - t0)
-    mags = {k: (np.maximum(2 * np.asarray(v), 1e-3) if np.ndim(v) else max(2 * v, 1e-3)) for k, v in plain.mags.items()}
+    mags = public_bounds(plain.mags)
     config = ShareConfig(dtype, route=route)
     trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
     async with trio:
@@ -218,7 +219,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
         "online_ms_per_token": 1e3 * layer_online, "plaintext_ms_per_token": 1e3 * float(np.mean(plain_s[dec])),
         "offline_ms_per_token": 1e3 * float(np.mean(offline_s[dec])), "offline_prefill_ms": 1e3 * offline_s[0],
         "ttft_ms": 1e3 * online_s[0], "plaintext_ttft_ms": 1e3 * plain_s[0],
-        "hops_per_layer": float(np.mean(hops[dec])), "hops_per_token": 28 * float(np.mean(hops[dec])) + 6,
+        "hops_per_layer": float(np.mean(hops[dec])), "hops_per_token": 28 * float(np.mean(hops[dec])) + EDGE_HOPS,
         "online_bytes_per_token": per_token_bytes, "online_bytes_per_layer": float(np.mean(on_bytes[dec])),
         "offline_bytes_per_token": 28 * float(np.mean(off_bytes[dec])) + sel_off, "setup_bytes": setup_bytes,
         "selection_online_bytes": sel_on, "selection_offline_bytes": sel_off,

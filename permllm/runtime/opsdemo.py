@@ -15,6 +15,7 @@ import numpy as np
 from ..protocols import (ShareConfig, embed, functions as F, gelu, layer_norm, linear, matmul_shared, reshare,
                          rms_norm, setup_weight, silu, softmax, swiglu)
 from ..protocols.party import Party
+from ..protocols.embedding import setup_table
 from .mesh import DealtInput, Trio, local_trio, run_offline, run_online, run_setup
 
 __all__ = ["op_report", "format_report"]
@@ -40,8 +41,8 @@ def _cases(rng: np.random.Generator) -> list[Case]:
         return (lambda p: linear(p, "lin", s.of(p), "W", mag_in=4.0, mag_out=8.0)), x @ W.T
 
     async def c_embed(t: Trio):
-        await run_setup(t, lambda p: setup_weight(p, "E", E if p.is_model else None))
-        return (lambda p: embed(p, "emb", ids if p.is_user else None, weight="E", vocab=1000, n_tokens=T,
+        await run_setup(t, lambda p: setup_table(p, "E", E if p.is_model else None))
+        return (lambda p: embed(p, "emb", ids if p.is_user else None, weight="E", table="E", vocab=1000, n_tokens=T,
                                 mag_out=1.0)), E[ids]
 
     def unary(op: Callable, ref: Callable, arr: np.ndarray, mag: float, **kw: Any):

@@ -34,7 +34,8 @@ from typing import AsyncIterator, Callable
 
 import numpy as np
 
-from ..model import Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, weight_names, weight_shape
+from ..model import (Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, setup_embedding, weight_names,
+                     weight_shape)
 from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols.linear import dealt_batch
 from ..protocols import he_matmul
@@ -190,6 +191,7 @@ class _Party:
                 await setup_weight(self.p, name, shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
             if progress:
                 progress("setup", i + 1, len(names))
+        await setup_embedding(self.p, self.weights, self.arch)  # type: ignore[arg-type]
 
     async def requests(self) -> AsyncIterator[_Gen]:
         """U's generation requests, validated, until U closes the session (M and H)."""

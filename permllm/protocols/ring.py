@@ -1,0 +1,112 @@
+"""Exact arithmetic on Z_2^k (k ≤ 64, one uint64 word per element) with fixed-point encoding.
+
+A real x is carried as round(x·2^scale) mod 2^k; shares are arrays of the ring's word
+(:func:`word`: uint32 for k ≤ 32, else uint64) with values in [0, 2^k), and a mask uniform
+on [0, 2^k) (:meth:`~permllm.protocols.prg.Stream.ring`) hides any value mod 2^k
+perfectly. Sums, differences and products are those of the word (numpy and torch wrap
+mod 2^32 and 2^64) reduced mod 2^k, exact whatever the operands. A value
+outside its encoding range never wraps silently into a wrong result: :func:`encode`
+refuses it, and :func:`decode` checks the decoded value against its public range and
+raises :class:`RingOverflow` naming the op. docs/ring.md has the design and the bit budget.
+
+Messages travel in ⌈k/8⌉ bytes per element (:func:`pack`), not in 8.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "pack", "unpack", "wire_bytes"]
+
+_U64, _U32 = np.dtype(np.uint64), np.dtype(np.uint32)
+
+
+class RingOverflow(ArithmeticError):
+    """A value does not fit its fixed-point encoding: the op, the value and the range are in the message."""
+
+
+def _check_bits(bits: int) -> None:
+    if not 1 <= bits <= 64:
+        raise ValueError(f"a ring has 1 to 64 bits, not {bits}")
+
+
+def word(bits: int) -> np.dtype:
+    """The unsigned dtype that holds Z_2^bits: uint32 up to 32 bits (torch multiplies int32 ~4× faster), else uint64."""
+    _check_bits(bits)
+    return _U32 if bits <= 32 else _U64
+
+
+def mod(x: np.ndarray, bits: int) -> np.ndarray:
+    """``x`` (of the ring's word) reduced mod 2^bits, in place."""
+    if bits not in (32, 64):
+        x &= x.dtype.type((1 << bits) - 1)
+    return x
+
+
+def encode(x: np.ndarray, scale: int, bits: int, what: str) -> np.ndarray:
+    """round(x·2^scale) mod 2^bits as uint64; RingOverflow when |x·2^scale| does not fit bits − 1 bits."""
+    _check_bits(bits)
+    y = np.rint(np.asarray(x, dtype=np.float64) * 2.0**scale)
+    limit = 2.0 ** (bits - 1)
+    if y.size and not np.all(np.abs(y) < limit):
+        bad = float(np.max(np.abs(np.nan_to_num(y, nan=np.inf))))
+        raise RingOverflow(f"{what}: a value of magnitude {bad / 2.0**scale:.6g} does not fit its encoding "
+                           f"(range ±2^{bits - 1 - scale} at 2^-{scale} in Z_2^{bits})")
+    return mod(y.astype(np.int64).view(_U64).astype(word(bits)), bits)
+
+
+def decode(v: np.ndarray, scale: int, bits: int, what: str, range_bits: int | None = None) -> np.ndarray:
+    """The signed value of ``v`` mod 2^bits, times 2^-scale, as float64.
+
+    ``range_bits``: the public bound log2 of |value| (default: the whole ring); a value at
+    or beyond it means the computation left its encoding range, and raises RingOverflow.
+    """
+    _check_bits(bits)
+    s = np.asarray(v).astype(_U64).view(np.int64)
+    if bits < 64:
+        s = np.where(s >= (1 << (bits - 1)), s - (1 << bits), s)
+    out = s.astype(np.float64) * 2.0**-scale
+    if range_bits is not None and out.size and not np.all(np.abs(out) < 2.0**range_bits):
+        raise RingOverflow(f"{what}: a value of magnitude {float(np.max(np.abs(out))):.6g} left its encoding range "
+                           f"±2^{range_bits} (Z_2^{bits} at 2^-{scale})")
+    return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """a @ b mod 2^bits for operands of the ring's word (torch's integer matmul wraps mod 2^32 / 2^64)."""
+    w = word(bits)
+    signed = np.int32 if w == _U32 else np.int64
+    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=w).view(signed))
+    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=w).view(signed))
+    return mod(torch.matmul(ta, tb).numpy().view(w), bits)
+
+
+def wire_bytes(bits: int) -> int:
+    """Bytes per element of a value mod 2^bits on the wire."""
+    _check_bits(bits)
+    return -(-bits // 8)
+
+
+def pack(v: np.ndarray, bits: int) -> np.ndarray:
+    """The low ⌈bits/8⌉ little-endian bytes of each element (uint8, shape (…, n_bytes)): a value mod 2^bits
+    under a mask uniform mod 2^bits stays uniform in those bytes."""
+    n = wire_bytes(bits)
+    w = word(bits)
+    le = np.ascontiguousarray(v, dtype=w).astype(w.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(le.view(np.uint8).reshape(*le.shape, w.itemsize)[..., :n])
+
+
+def unpack(b: np.ndarray, bits: int, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Inverse of :func:`pack`; ValueError unless ``b`` is a uint8 array of ``shape`` × ⌈bits/8⌉ with no
+    value at or above 2^bits."""
+    n = wire_bytes(bits)
+    if not (isinstance(b, np.ndarray) and b.dtype == np.uint8 and b.shape == (*shape, n)):
+        raise ValueError(f"{what}: expected a uint8 array of shape {(*shape, n)}, got "
+                         f"{getattr(b, 'dtype', type(b).__name__)} {getattr(b, 'shape', '')}")
+    w = word(bits)
+    out = np.zeros((*shape, w.itemsize), dtype=np.uint8)
+    out[..., :n] = b
+    v = out.view(w.newbyteorder("<")).reshape(shape).astype(w)
+    if bits % 8 and np.any(v >> w.type(bits)):
+        raise ValueError(f"{what}: a value does not fit {bits} bits")
+    return v
