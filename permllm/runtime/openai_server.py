@@ -390,8 +390,6 @@ def _describe(e: BaseException) -> str:
 class UserDaemon:
     """The user party's daemon: an OpenAI-compatible HTTP endpoint over a pool of sessions."""
 
-    role = "user"
-
     def __init__(self, cfg: PartyConfig, tokenizer: Any) -> None:
         for key in ("model_party", "helper"):
             if not cfg[key]:
