@@ -149,8 +149,8 @@ async def test_what_the_model_party_receives_is_masked(monkeypatch):
     got: dict = {}
     orig = Party.recv
 
-    async def spy(self, frm, tag):  # record what M and U receive in the fused op
-        out = await orig(self, frm, tag)
+    async def spy(self, frm, tag, **kw):  # record what M and U receive in the fused op
+        out = await orig(self, frm, tag, **kw)
         if tag[0] == "attn8":
             got[(self.role, frm, tag[-1])] = out
         return out

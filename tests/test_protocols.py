@@ -205,8 +205,8 @@ async def test_embedding_messages_are_uniform_whatever_the_ids(monkeypatch):
     seen: list[np.ndarray] = []
     orig = Party.recv
 
-    async def spy(self, frm, tag):
-        got = await orig(self, frm, tag)
+    async def spy(self, frm, tag, **kw):
+        got = await orig(self, frm, tag, **kw)
         if self.is_model and self.phase != "setup" and isinstance(got, np.ndarray):
             seen.append(got)
         return got

@@ -118,8 +118,8 @@ async def test_retrieve_views_are_uniform(trio, monkeypatch):
     seen_m, seen_u = [], []
     recv = Party.recv
 
-    async def spy(self, frm, tag):
-        msg = await recv(self, frm, tag)
+    async def spy(self, frm, tag, **kw):
+        msg = await recv(self, frm, tag, **kw)
         (seen_m if self.is_model else seen_u).append(msg)
         return msg
 

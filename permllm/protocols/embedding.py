@@ -188,11 +188,7 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
     if p.is_helper:
         raise ProtocolError(f"embed {name!r}: the helper has no online branch")
     if p.is_user:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.shape != (n_tokens,):
-            raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
+        ids = _check_ids(name, ids, n_tokens, vocab)
         msg = -p.take(oh)
         msg[np.arange(n_tokens), ids] += msg.dtype.type(1)
         p.send(Role.MODEL, tag("x"), ring.pack(ring.mod(msg, k), k))
@@ -230,6 +226,16 @@ async def _recv_delta(p: Party, name: str, shape: tuple[int, int]) -> np.ndarray
         raise ProtocolError(str(e)) from None
 
 
+def _check_ids(name: str, ids: np.ndarray | list[int] | None, n_tokens: int, vocab: int) -> np.ndarray:
+    """U's token ids as int64, else ProtocolError (a wrong count, or an id outside the vocabulary)."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.shape != (n_tokens,):
+        raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
+    return ids
+
+
 def _scalar(mag: float | np.ndarray) -> float:
     return float(np.max(mag))
 
@@ -251,11 +257,7 @@ async def _embed_light(p: Party, name: str, ids: np.ndarray | list[int] | None, 
     if p.phase == "offline":
         x = None if p.is_model else mask().astype(p.dtype)
     elif p.is_user:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.shape != (n_tokens,):
-            raise ProtocolError(f"embed {name!r}: expected {n_tokens} token ids, got {ids.shape[0]}")
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise ProtocolError(f"embed {name!r}: token id out of range [0, {vocab})")
+        ids = _check_ids(name, ids, n_tokens, vocab)
         r = mask()
         d = -r
         d[np.arange(n_tokens), ids] += 1
