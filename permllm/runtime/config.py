@@ -104,8 +104,8 @@ KEYS: tuple[Key, ...] = (
         "it sets up at start-up, each holding the masked weights; more requests queue)", serve=True,
         user_default=1),
     Key("limits.message_timeout", float, 120.0, "--message-timeout", ALL,
-        "seconds a link may stay silent (nothing sent, nothing accepted) while a message is awaited; "
-        "then the session ends (this also ends idle sessions)"),
+        "seconds a peer may show no sign of life (no frame, keep-alives included, while a message is "
+        "awaited); then the session ends. A live but busy or idle peer keeps its session"),
     Key("limits.handshake_timeout", float, 10.0, "--handshake-timeout", ALL,
         "seconds for a connection's TLS handshake and hello"),
     Key("limits.pairing_timeout", float, 30.0, "--pairing-timeout", frozenset({HELPER}),
