@@ -53,7 +53,8 @@ def _audit(args: argparse.Namespace) -> int:
     if not report:
         raise SystemExit(f"permllm audit: no transcript (DIR/<role>/index.json) under {args.dir}")
     print(json.dumps(report, indent=1))
-    return 0 if all(t["pass"] is not False for r in report.values() for t in r["uniformity"].values()) else 1
+    tests = [t for r in report.values() for group in ("uniformity", "repeats") for t in r[group].values()]
+    return 0 if all(t["pass"] is not False for t in tests) else 1
 
 
 async def _generate(args: argparse.Namespace) -> int:

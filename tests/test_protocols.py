@@ -229,6 +229,22 @@ async def test_embedding_messages_are_uniform_whatever_the_ids(monkeypatch):
             assert float(np.sum((counts - counts.mean()) ** 2 / counts.mean())) < 400
 
 
+async def test_embedding_lookup_of_a_power_of_two_maximum():
+    """A table whose largest entry is a power of two, looked up at that entry, plus added rows: in range."""
+    E = rng.normal(size=(6, 5)) * 0.2
+    E[2, 3] = 1.0
+    add = np.full((1, 5), 0.5)
+    t = await local_trio("memory", ShareConfig())
+    try:
+        await run_setup(t, lambda p: setup_table(p, "E", E if p.is_model else None, added=0.5))
+        g = lambda p: embed(p, "emb", [2] if p.is_user else None, weight="E", table="E", vocab=6,  # noqa: E731
+                            n_tokens=1, mag_out=4.0, add=add if p.is_model else None)
+        m, u = await run_both(t, g)
+    finally:
+        await t.close()
+    assert np.max(np.abs(m + u - (E[[2]] + add))) < 1e-6
+
+
 async def test_embedding_rejects_bad_ids(trio):
     await run_setup(trio, lambda p: setup_table(p, "E", rng.normal(size=(10, 4)) if p.is_model else None))
     g = lambda p: embed(p, "emb", [10] if p.is_user else None, weight="E", table="E", vocab=10,  # noqa: E731

@@ -32,25 +32,40 @@ async def test_a_generation_transcript_lists_every_array_and_passes_the_audit(tm
     m_uniform = {(e["from"], e["tag"][0], e["modulus"]) for e in index["model"] if e["kind"] == "uniform"}
     assert {("user", "embed", 256), ("helper", "embed", 256), ("helper", "lift", 256), ("user", "pir", 300)} <= m_uniform
     u_uniform = {(e["from"], e["tag"][0]) for e in index["user"] if e["kind"] == "uniform"}
-    assert {("model", "setup"), ("model", "lift"), ("helper", "pir"), ("model", "pir")} <= u_uniform
+    assert {("model", "setup"), ("helper", "pir"), ("model", "pir")} <= u_uniform
     assert not index["helper"]  # H receives the seeds (bytes) and public metadata only
-    tested = [t for r in report.values() for t in r["uniformity"].values() if t["pass"] is not None]
+    tested = [t for r in report.values() for g in ("uniformity", "repeats") for t in r[g].values()
+              if t["pass"] is not None]
     assert tested and all(t["pass"] for t in tested), report
+    assert any(k.startswith("user:embed/") for k in report["model"]["repeats"])  # the one-hot, token after token
+    # What U unmasks by design (the permuted reveals, the lift) is listed as revealed, not as uniform.
+    assert {e["tag"][0] for e in index["user"] if e["kind"] == "revealed"} >= {"perm", "lift"}
 
 
-def test_the_audit_fails_a_biased_array(tmp_path):
-    t = Transcript(tmp_path, "model")
+def test_the_audit_fails_a_biased_array_and_a_missing_mask(tmp_path):
     rng = np.random.default_rng(0)
-    t.record("user", ("embed", "x", 0, "u"), rng.integers(0, 256, size=4000, dtype=np.uint8), 256)
-    t.record("user", ("pir", "id", 0, "index"), 7, 300)
-    t.record("user", ("linear", "L0", 0, "u"), rng.normal(size=10), None)
-    t.close()
-    good = audit(tmp_path)["model"]
-    assert good["counts"] == {"uniform": 2, "statistical": 1}
+
+    def transcript(onehot_rows):
+        t = Transcript(tmp_path, "model")
+        for i, row in enumerate(onehot_rows):
+            t.record("user", ("embed", "x", i, "x"), row, 256)
+        t.record("user", ("pir", "id", 0, "index"), 7, 300)
+        t.record("user", ("linear", "L0", 0, "u"), rng.normal(size=10), None)
+        t.record("model", ("perm", "n1", 0, "m"), [rng.normal(size=4)], None, revealed=True)
+        t.close()
+        return audit(tmp_path)["model"]
+
+    good = transcript([rng.integers(0, 256, size=(300, 4), dtype=np.uint8) for _ in range(8)])
+    assert good["counts"] == {"uniform": 9, "revealed": 1, "statistical": 1}
     assert good["uniformity"]["user:embed"]["pass"] and good["uniformity"]["user:pir"]["pass"] is None
-    t = Transcript(tmp_path, "model")
-    t.record("user", ("embed", "x", 0, "u"), (rng.integers(0, 256, size=4000) // 2).astype(np.uint8), 256)
-    t.close()
-    assert audit(tmp_path)["model"]["uniformity"]["user:embed"]["pass"] is False
+    assert all(t["pass"] for t in good["repeats"].values())
+    biased = transcript([(rng.integers(0, 256, size=(300, 4)) // 2).astype(np.uint8) for _ in range(8)])
+    assert biased["uniformity"]["user:embed"]["pass"] is False
+    # One position without its mask (the same byte every token): marginally near-uniform, caught by the repeats.
+    rows = [rng.integers(0, 256, size=(300, 4), dtype=np.uint8) for _ in range(8)]
+    for r in rows:
+        r[5, 0] = 1
+    missing = transcript(rows)
+    assert missing["uniformity"]["user:embed"]["pass"] and not missing["repeats"]["user:embed/x/x:(300, 4)"]["pass"]
     run = subprocess.run([sys.executable, "-m", "permllm.cli", "audit", str(tmp_path)], capture_output=True, text=True)
     assert run.returncode == 1 and '"pass": false' in run.stdout

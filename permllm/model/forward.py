@@ -21,14 +21,14 @@ import numpy as np
 from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
 from ..protocols import functions as F
 from ..protocols.attention import AttnMags, AttnSpec, attention_decode
-from ..protocols.embedding import setup_table
-
-RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
+from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
 from .layout import merge_heads, positions, rope, split_heads, valid_lengths
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
-           "setup_embedding", "RING_TABLE"]
+           "setup_embedding", "ring_table_meta", "RING_TABLE"]
+
+RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
 
 Value = Any  # np.ndarray, or None where a party holds no value
 
@@ -45,13 +45,15 @@ class StepShape:
         self.valid = valid_lengths(arch, self.T, self.past)
 
 
-def weight_names(arch: Arch, route: str = "12") -> list[tuple[str, str]]:
+def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list[tuple[str, str]]:
     """(name, kind) of every private weight that needs the masked-weight setup.
 
-    The 8-hop attention route also needs the qkv bias as a masked weight (U and H use it
-    for the new key's score; see :mod:`permllm.protocols.attention`).
+    The real-number embedding table is one only where it is used: by a tied head, or by the
+    light mode's lookup (the dealt lookup has its ring table, :func:`setup_embedding`). The
+    8-hop attention route also needs the qkv bias as a masked weight (U and H use it for the
+    new key's score; see :mod:`permllm.protocols.attention`).
     """
-    out = [("embed", "dense")]
+    out = [("embed", "dense")] if arch.tied_head or offline == "he" else []
     for i in range(arch.layers):
         out += [(f"L{i}.qkv", "dense"), (f"L{i}.o", "dense"), (f"L{i}.mlp_in", "dense"), (f"L{i}.mlp_out", "dense")]
         if route == "8" and arch.qkv_bias:
@@ -62,14 +64,24 @@ def weight_names(arch: Arch, route: str = "12") -> list[tuple[str, str]]:
     return out
 
 
+def _added(weights: ModelWeights) -> float:
+    """A bound of what M adds to a lookup: the learned positions' largest entry (0 without them)."""
+    pos = weights.get("pos_embed") if weights.arch.pos == "learned" else None
+    return float(np.max(np.abs(pos))) if pos is not None and pos.size else 0.0
+
+
+def ring_table_meta(weights: ModelWeights) -> tuple[tuple[int, int], int]:
+    """(shape, public scale) of the dealt mode's ring table, as the model party's setup announces it."""
+    E = weights["embed"]
+    return (E.shape[0], E.shape[1]), table_scale(float(np.max(np.abs(E))) + _added(weights))
+
+
 async def setup_embedding(p: Party, weights: ModelWeights | None, arch: Arch) -> None:
     """The dealt mode's ring table for the embedding lookup (M passes its weights); nothing in the light mode."""
     if p.config.offline == "he":
         return
     if p.is_model:
-        pos = weights.get("pos_embed") if arch.pos == "learned" else None  # type: ignore[union-attr]
-        added = float(np.max(np.abs(pos))) if pos is not None and pos.size else 0.0
-        await setup_table(p, RING_TABLE, weights["embed"], added=added)  # type: ignore[index]
+        await setup_table(p, RING_TABLE, weights["embed"], added=_added(weights))  # type: ignore[arg-type,index]
     else:
         await setup_table(p, RING_TABLE, shape=(arch.vocab, arch.hidden))
 
@@ -344,7 +356,8 @@ class PrivateOps:
         Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches.
         """
         a, n = self.arch, f"L{i}"
-        if self.p.config.route != "8" or s.T != 1:
+        if self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T):
+            # The fused op reveals every score of its row: only a step that attends to all keys takes it.
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
         mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one)) > 0

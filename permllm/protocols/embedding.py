@@ -2,7 +2,8 @@
 
 **Dealt mode (the default)** — the table E (vocab × hidden) is encoded in Z_2^k
 (k = :data:`TABLE_BITS`, :mod:`permllm.protocols.ring`) at the public scale 2^-s, s =
-:data:`TABLE_SIG` − ⌈log₂ max|E|⌉ (the only published number besides the shape).
+:data:`TABLE_SIG` − e with 2^e the least power of two above max|E| + max|added rows|
+(:func:`table_scale`; the only published number besides the shape).
 
 * setup (:func:`setup_table`): U_E uniform mod 2^k from s_MH; M sends D = E − U_E mod 2^k
   to U (uniform whatever the table), H regenerates U_E.
@@ -15,10 +16,15 @@
   against the encoding range (:class:`~permllm.protocols.ring.RingOverflow` otherwise)
   and reshares it with :func:`~permllm.protocols.permute.reshare_unpermute`.
 
-Learns: M receives onehot − r (uniform mod 2^k) and r·D + t, r·U_E − t − r₂ (uniform mod
-2^k: t and r₂ are fresh) — nothing of the ids, exactly. U receives D (uniform) and, at
-the lift, π(E[ids] + positions) — the multiset the first norm reveals anyway (the PermLLM
-leakage). H receives nothing. A learned position table is added by M before the lift.
+Learns: the ring messages M receives — onehot − r, r·D + t, r·U_E − t − r₂ and δ — are
+uniform mod 2^k whatever the ids and the table (t, r₂, r, b are fresh and uniform), so they
+tell M nothing. U receives D (uniform) and, at the lift, π(E[ids] + positions): the
+multiset the first norm reveals anyway (the PermLLM leakage). H receives nothing. The
+lift's reshare (hop 3) is a real-number reshare like every layer's, so M's view of its
+output (π⁻¹(y′ − a′) + γ = E[ids] + positions − b′, b′ of width R × the public bound) is
+hidden statistically, as the layers' shares are: a review's exact consistency attack on
+SmolLM2 measured 0.01–0.02 bits of the id per lookup that way (0.4 bits with the former
+real-number lookup), until the layers run on the ring too.
 
 **Light mode** (``config.offline == "he"``) keeps the real-number lookup: U sends
 onehot − r with r uniform over the integers in [−R/2, R/2) (int16 on the wire), then the
@@ -29,16 +35,16 @@ products are exact (docs/ring.md).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import ring
 from .linear import SETUP_CHUNK, linear
 from .party import Party, ProtocolError, Role
-from .permute import Perm, reshare_unpermute
+from .permute import _perm, reshare_unpermute
 
-__all__ = ["embed", "setup_table", "TABLE_BITS", "TABLE_SIG"]
+__all__ = ["embed", "setup_table", "table_scale", "TABLE_BITS", "TABLE_SIG"]
 
 TABLE_BITS = 32  # Z_2^32: int32 products (torch), 4 bytes per one-hot entry online
 TABLE_SIG = 24   # fractional bits below the largest entry: float32-like precision, ≥ 6 bits of headroom
@@ -51,11 +57,14 @@ class _Table:
     shape: tuple[int, int]
     scale: int                        # public: fractional bits of the encoding
     value: np.ndarray | None = None   # M: E as ring words; U: D = E − U_E; H: U_E (regenerated lazily)
-    extra: dict = field(default_factory=dict)
 
 
 def _rows(shape: tuple[int, int]) -> int:
     return max(1, SETUP_CHUNK // max(shape[1], 1))
+
+
+def _chunks(shape: tuple[int, int]) -> int:
+    return -(-shape[0] // _rows(shape))
 
 
 def _ue_chunk(p: Party, name: str, shape: tuple[int, int], i: int) -> np.ndarray:
@@ -69,11 +78,12 @@ def _mask(p: Party, which: str, name: str, purpose: str, shape: tuple[int, ...])
 
 
 def table_scale(bound: float) -> int:
-    """The public scale of a table whose lookups (with anything added) stay below ``bound`` in magnitude:
-    :data:`TABLE_SIG` fractional bits below the bound's power of two."""
+    """The public scale of a table whose lookups (with anything added) are at most ``bound`` in magnitude:
+    :data:`TABLE_SIG` fractional bits below 2^e, the least power of two *above* the bound (|value| < 2^e
+    strictly, which the lift checks)."""
     if not math.isfinite(bound):
         raise ValueError("the embedding table contains inf or nan")
-    return TABLE_SIG - (math.ceil(math.log2(bound)) if bound > 0 else 0)
+    return TABLE_SIG - (math.floor(math.log2(bound)) + 1 if bound > 0 else 0)
 
 
 async def setup_table(p: Party, name: str, table: np.ndarray | None = None, *,
@@ -91,7 +101,7 @@ async def setup_table(p: Party, name: str, table: np.ndarray | None = None, *,
         E = np.asarray(table, dtype=np.float64)
         scale = table_scale((float(np.max(np.abs(E))) if E.size else 0.0) + added)
         Ei = ring.encode(E, scale, k, f"embedding table {name!r}")
-        chunks = -(-E.shape[0] // _rows(E.shape))
+        chunks = _chunks(E.shape)
         meta = {"shape": list(E.shape), "scale": scale, "bits": k, "chunks": chunks}
         p.send(Role.HELPER, ("setup", name, "meta"), meta)
         p.send(Role.USER, ("setup", name, "meta"), meta)
@@ -110,7 +120,7 @@ async def setup_table(p: Party, name: str, table: np.ndarray | None = None, *,
     shp = (meta["shape"][0], meta["shape"][1])
     if shape is not None and shp != tuple(shape):
         raise ProtocolError(f"setup metadata of table {name!r}: shape {shp}, expected {tuple(shape)}")
-    if meta["chunks"] != -(-shp[0] // _rows(shp)):
+    if meta["chunks"] != _chunks(shp):
         raise ProtocolError(f"setup metadata of table {name!r}: {meta['chunks']} chunks for shape {shp}")
     t = _Table(shp, meta["scale"])
     if p.is_user:
@@ -119,10 +129,7 @@ async def setup_table(p: Party, name: str, table: np.ndarray | None = None, *,
         for i in range(meta["chunks"]):
             n = min(rows, shp[0] - i * rows)
             got = await p.recv(Role.MODEL, ("setup", name, i), modulus=256)
-            try:
-                D[i * rows:i * rows + n] = ring.unpack(got, k, (n, shp[1]), f"setup chunk {i} of {name!r}")
-            except ValueError as e:
-                raise ProtocolError(str(e)) from None
+            D[i * rows:i * rows + n] = _unpacked(got, (n, shp[1]), f"setup chunk {i} of {name!r}")
         t.value = D
     p.weights[name] = t
 
@@ -131,7 +138,7 @@ def _helper_table(p: Party, name: str) -> np.ndarray:
     """H's U_E, regenerated from the s_MH stream on first use and kept."""
     t = p.weights[name]
     if t.value is None:
-        t.value = np.concatenate([_ue_chunk(p, name, t.shape, i) for i in range(-(-t.shape[0] // _rows(t.shape)))])
+        t.value = np.concatenate([_ue_chunk(p, name, t.shape, i) for i in range(_chunks(t.shape))])
     return t.value
 
 
@@ -160,27 +167,24 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         if p.is_model:
             hb = await p.recv(Role.HELPER, tag("h"), modulus=256)
             ub = await p.recv(Role.USER, tag("u"), modulus=256)
-            try:
-                corr = ring.unpack(ub, k, out_shape, f"embed {name!r} from the user") + ring.unpack(
-                    hb, k, out_shape, f"embed {name!r} from the helper")
-            except ValueError as e:
-                raise ProtocolError(str(e)) from None
+            corr = _unpacked(ub, out_shape, f"embed {name!r} from the user") + _unpacked(
+                hb, out_shape, f"embed {name!r} from the helper")
             p.keep(oh, ring.mod(corr, k))
-            p.keep(oh + "/lift", await _recv_delta(p, name, out_shape))
-            x_u = None
+            # π does not depend on any value: M draws it now, off the online path.
+            p.keep(oh + "/lift", (await _recv_delta(p, name, out_shape), _perm(p, name, out_shape, "rows", None)))
         else:
             r = _mask(p, "uh", oh, "r", (n_tokens, vocab))
             y = await p.compute(ring.matmul, r, t.value if p.is_user else _helper_table(p, table), k,
                                 work=r.size * d)
             tm = _mask(p, "uh", oh, "t", out_shape)
-            x_u = _mask(p, "uh", oh, "r2", out_shape)
             if p.is_user:
                 p.send(Role.MODEL, tag("u"), ring.pack(ring.mod(y + tm, k), k))
                 p.keep(oh, r)
                 p.keep(oh + "/lift", _mask(p, "uh", name, "b", out_shape))
-            else:
+            else:  # H: U's share r₂ of the lookup, and the lift's δ = π(r₂) − b
+                x_u = _mask(p, "uh", oh, "r2", out_shape)
                 p.send(Role.MODEL, tag("h"), ring.pack(ring.mod(y - tm - x_u, k), k))
-                pi = Perm.draw(p.gen("mh", name, "pi"), out_shape, "rows")
+                pi = _perm(p, name, out_shape, "rows", None)
                 delta = ring.mod(pi.apply(x_u) - _mask(p, "uh", name, "b", out_shape), k)
                 p.send(Role.MODEL, p.tag("lift", name, "delta"), ring.pack(delta, k))
         return await reshare_unpermute(p, name, None, mag=_scalar(mag_out), mode="rows", shape=out_shape,
@@ -193,37 +197,34 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         msg[np.arange(n_tokens), ids] += msg.dtype.type(1)
         p.send(Role.MODEL, tag("x"), ring.pack(ring.mod(msg, k), k))
         b = p.take(oh + "/lift")
-        m = await p.recv(Role.MODEL, p.tag("lift", name, "m"), modulus=256)
-        try:
-            seen = ring.mod(ring.unpack(m, k, out_shape, f"embed {name!r}: the lift from the model party") + b, k)
-        except ValueError as e:
-            raise ProtocolError(str(e)) from None
+        m = await p.recv(Role.MODEL, p.tag("lift", name, "m"), revealed=True)
+        seen = ring.mod(_unpacked(m, out_shape, f"embed {name!r}: the lift from the model party") + b, k)
         # In range: |E[id] + added rows| ≤ 2^(TABLE_SIG − scale) by the choice of the scale.
         y = ring.decode(seen, t.scale, k, f"embed {name!r}", range_bits=TABLE_SIG - t.scale)
         return await reshare_unpermute(p, name, y, mag=_scalar(mag_out), mode="rows", mag_share=mag_out)
     corr = p.take(oh)
-    delta = p.take(oh + "/lift")
-    got = await p.recv(Role.USER, tag("x"), modulus=256)
-    try:
-        dx = ring.unpack(got, k, (n_tokens, vocab), f"embed {name!r} from the user")
-    except ValueError as e:
-        raise ProtocolError(str(e)) from None
+    delta, pi = p.take(oh + "/lift")
+    dx = _unpacked(await p.recv(Role.USER, tag("x"), modulus=256), (n_tokens, vocab), f"embed {name!r} from the user")
     x = ring.mod(await p.compute(ring.matmul, dx, t.value, k, work=dx.size * d) + corr, k)
     if add is not None:
         x = ring.mod(x + ring.encode(add, t.scale, k, f"embed {name!r}: added rows"), k)
-    pi = Perm.draw(p.gen("mh", name, "pi"), out_shape, "rows")
-    p.keep(name + "/pi", pi)
+    p.keep(name + "/pi", pi)  # for the reshare-unpermute below
     p.send(Role.USER, p.tag("lift", name, "m"), ring.pack(ring.mod(pi.apply(x) + delta, k), k))
     return await reshare_unpermute(p, name, None, mag=_scalar(mag_out), mode="rows", shape=out_shape,
                                    mag_share=mag_out)
 
 
-async def _recv_delta(p: Party, name: str, shape: tuple[int, int]) -> np.ndarray:
-    got = await p.recv(Role.HELPER, p.tag("lift", name, "delta"), modulus=256)
+def _unpacked(b: object, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A received ring message as words, else ProtocolError naming it."""
     try:
-        return ring.unpack(got, TABLE_BITS, shape, f"embed {name!r}: the lift from the helper")
+        return ring.unpack(b, TABLE_BITS, shape, what)  # type: ignore[arg-type]
     except ValueError as e:
         raise ProtocolError(str(e)) from None
+
+
+async def _recv_delta(p: Party, name: str, shape: tuple[int, int]) -> np.ndarray:
+    got = await p.recv(Role.HELPER, p.tag("lift", name, "delta"), modulus=256)
+    return _unpacked(got, shape, f"embed {name!r}: the lift from the helper")
 
 
 def _check_ids(name: str, ids: np.ndarray | list[int] | None, n_tokens: int, vocab: int) -> np.ndarray:

@@ -211,9 +211,10 @@ class Party:
             self.op.msgs_sent += 1
             self.op.bytes_sent += payload_bytes(payload)
 
-    async def recv(self, frm: Role, tag: tuple, *, modulus: int | None = None) -> Any:
-        """The message ``tag`` from ``frm``; ``modulus``: the m its elements are uniform on [0, m) whatever the
-        secrets (for the audit transcript; None for real-number or public values)."""
+    async def recv(self, frm: Role, tag: tuple, *, modulus: int | None = None, revealed: bool = False) -> Any:
+        """The message ``tag`` from ``frm``. For the audit transcript: ``modulus`` is the m its elements are
+        uniform on, [0, m), whatever the secrets (None for real-number values); ``revealed``: this party
+        unmasks it by design (a permuted reveal), so it is not expected to look uniform."""
         op = self.op  # the op this message is for (a task outliving its op may run on)
         t0 = time.perf_counter()
         out = await self.channels[frm].recv(tag)
@@ -222,7 +223,7 @@ class Party:
             op.msgs_recv += 1
             op.bytes_recv += payload_bytes(out)
         if self.transcript is not None:
-            self.transcript.record(frm.value, tag, out, modulus)
+            self.transcript.record(frm.value, tag, out, modulus, revealed)
         return out
 
     @contextlib.asynccontextmanager

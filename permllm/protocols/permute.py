@@ -172,7 +172,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             bs = [p.mask_again("uh", name, f"b{i}", tuple(xs[0].shape), R * m) for i, m in enumerate(mags)]
         else:
             bs = p.take(name + "/reveal")
-        ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"))
+        ms = await p.recv(Role.MODEL, p.tag("perm", name, "m"), revealed=True)
         if not isinstance(ms, list) or len(ms) != len(bs):
             raise ProtocolError(f"permute_reveal {name!r}: expected {len(bs)} arrays")
         keep = _prefix(tuple(bs[0].shape), mode, valid)

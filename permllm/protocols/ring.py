@@ -1,4 +1,4 @@
-"""Exact arithmetic on Z_2^k (k ≤ 64, one uint64 word per element) with fixed-point encoding.
+"""Exact arithmetic on Z_2^k (k ≤ 64, one uint32 or uint64 word per element) with fixed-point encoding.
 
 A real x is carried as round(x·2^scale) mod 2^k; shares are arrays of the ring's word
 (:func:`word`: uint32 for k ≤ 32, else uint64) with values in [0, 2^k), and a mask uniform
@@ -38,13 +38,16 @@ def word(bits: int) -> np.dtype:
 
 def mod(x: np.ndarray, bits: int) -> np.ndarray:
     """``x`` (of the ring's word) reduced mod 2^bits, in place."""
+    if x.dtype != word(bits):
+        raise TypeError(f"a value of Z_2^{bits} is held in {word(bits)}, not {x.dtype}")
     if bits not in (32, 64):
         x &= x.dtype.type((1 << bits) - 1)
     return x
 
 
 def encode(x: np.ndarray, scale: int, bits: int, what: str) -> np.ndarray:
-    """round(x·2^scale) mod 2^bits as uint64; RingOverflow when |x·2^scale| does not fit bits − 1 bits."""
+    """round(x·2^scale) mod 2^bits in the ring's :func:`word`; RingOverflow when |x·2^scale| does not fit
+    bits − 1 bits."""
     _check_bits(bits)
     y = np.rint(np.asarray(x, dtype=np.float64) * 2.0**scale)
     limit = 2.0 ** (bits - 1)

@@ -224,6 +224,7 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
         await gather_fail_fast([ms.setup(), us.setup(progress), hs.setup()])
     except BaseException:
         await trio.close()
+        _close_transcripts(trio.parties)
         raise
     served = asyncio.ensure_future(gather_fail_fast([ms.serve(), hs.serve()]))
     user = us
@@ -233,9 +234,7 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
             await asyncio.wait_for(served, 30)
         finally:
             await trio.close()
-            for p in trio.parties:
-                if p.transcript is not None:
-                    p.transcript.close()
+            _close_transcripts(trio.parties)
 
     served.add_done_callback(lambda t: t.cancelled() or t.exception() is None
                              or asyncio.ensure_future(trio.close()))
@@ -243,6 +242,13 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
                       watch=served)
     session.trio = trio
     return session
+
+
+def _close_transcripts(parties: Any) -> None:
+    """Write the index of each party's transcript (on every way out of a session, failures included)."""
+    for party in parties:
+        if party.transcript is not None:
+            party.transcript.close()
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -288,6 +294,7 @@ async def connect(model_party: str | None = None, helper: str | None = None, *, 
     if settings["model_fingerprint"]:
         terms["model"] = settings["model_fingerprint"]
     chans: dict[Role, Channel] = {}
+    p: Party | None = None
     try:
         for role in (Role.MODEL, Role.HELPER):  # the model party first: it states the fingerprint
             chans[role] = await _open_user_link(role, addrs[role], session_id, terms, meter, settings, ssl, link)
@@ -307,13 +314,14 @@ async def connect(model_party: str | None = None, helper: str | None = None, *, 
     except BaseException:
         for ch in chans.values():
             await ch.close()
+        if p is not None:
+            _close_transcripts([p])
         raise
 
     async def close() -> None:
         for ch in chans.values():
             await ch.close()
-        if p.transcript is not None:
-            p.transcript.close()
+        _close_transcripts([p])
 
     return Session(us, tokenizer, [meter], [close], time.perf_counter() - t0)
 

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..model import Arch, ModelWeights, weight_names
+from ..model.forward import RING_TABLE, ring_table_meta
 from ..protocols import Party, ShareConfig
 from ..protocols.linear import public_scale
 
@@ -49,13 +50,17 @@ def model_fingerprint(arch: Arch, config: ShareConfig, weights: Mapping[str, tup
 def weights_fingerprint(weights: ModelWeights, config: ShareConfig, mags: Mapping[str, Any]) -> str:
     """The model party's fingerprint, from its weights (each weight's scale as the setup computes it)."""
     meta = {}
-    for name, _ in weight_names(weights.arch, config.route):
+    for name, _ in weight_names(weights.arch, config.route, config.offline):
         w = np.asarray(weights[name], dtype=config.np_dtype)
         meta[name] = (w.shape, public_scale(w))
+    if config.offline != "he":
+        meta[RING_TABLE] = ring_table_meta(weights)
     return model_fingerprint(weights.arch, config, meta, mags)
 
 
 def received_fingerprint(p: Party, arch: Arch, mags: Mapping[str, Any]) -> str:
     """The fingerprint of the setup the user or the helper received (after its setup phase)."""
-    meta = {name: (p.weights[name].shape, p.weights[name].scale) for name, _ in weight_names(arch, p.config.route)}
+    names = [n for n, _ in weight_names(arch, p.config.route, p.config.offline)]
+    names += [RING_TABLE] if p.config.offline != "he" else []
+    meta = {name: (p.weights[name].shape, p.weights[name].scale) for name in names}
     return model_fingerprint(arch, p.config, meta, mags)

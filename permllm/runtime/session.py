@@ -183,7 +183,7 @@ class _Party:
                     self.progress("offline", step + 1, g.max_new)
 
     async def setup_weights(self, progress: Progress | None) -> None:
-        names = weight_names(self.arch, self.p.config.route)  # type: ignore[arg-type]
+        names = weight_names(self.arch, self.p.config.route, self.p.config.offline)  # type: ignore[arg-type]
         for i, (name, _) in enumerate(names):
             if self.p.is_model:
                 await setup_weight(self.p, name, self.weights[name])  # type: ignore[index]
