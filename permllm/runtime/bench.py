@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from ..net import LinkEmulator
-from ..protocols import Sampler, ShareConfig, select_token, setup_weight
+from ..protocols import Sampler, ShareConfig, ring, select_token, setup_weight
+from ..protocols.embedding import TABLE_BITS
 from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_online, run_setup
 from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
@@ -209,7 +210,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
                 if step == 0:
                     want = await fwd.layer(PlainOps(w), 0, xs[0], shapes[0])
                     err0 = float(np.max(np.abs(m + u - want)))
-        sel_on, sel_off = await _selection_bytes(trio, full.vocab_size, 30.0)
+        sel_on, sel_off = await _selection_bytes(trio, full.vocab_size, full.hidden_size, 30.0)
     dec = slice(1, None)
     layer_online = float(np.mean(online_s[dec]))
     per_token_bytes = 28 * float(np.mean(on_bytes[dec])) + sel_on
@@ -229,10 +230,11 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
     }
 
 
-async def _selection_bytes(trio: Any, vocab: int, mag: float) -> tuple[float, float]:
+async def _selection_bytes(trio: Any, vocab: int, hidden: int, mag: float) -> tuple[float, float]:
     """Online and offline bytes of one token selection at this vocabulary (measured on ``trio``),
-    the online ones plus the next embedding's masked one-hot (vocab int16 values, analytic:
-    the embedding table itself is too large to build here)."""
+    the online ones plus the next embedding's (analytic: the embedding table itself is too large
+    to build here): the masked one-hot (vocab ring words), the lift (hidden ring words) and U's
+    real-number reshare (hidden float64 values)."""
     rng = np.random.default_rng(1)
     x = DealtInput(trio, "sel.logits", rng.normal(size=vocab) * mag / 4, mag)
 
@@ -244,4 +246,4 @@ async def _selection_bytes(trio: Any, vocab: int, mag: float) -> tuple[float, fl
     await run_online(trio, graph, 10_000)
     on = sum(p.meter.total("online").bytes_sent for p in trio.parties)
     off = sum(p.meter.total("offline").bytes_sent for p in trio.parties)
-    return on + 2 * vocab, off
+    return on + ring.wire_bytes(TABLE_BITS) * (vocab + hidden) + 8 * hidden, off
