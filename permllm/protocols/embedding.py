@@ -1,4 +1,4 @@
-"""Embedding lookup of token ids the user holds: exact ring arithmetic, perfectly hiding.
+"""Embedding lookup of token ids the user holds: exact ring arithmetic, its ring messages perfectly hiding.
 
 **Dealt mode (the default)** — the table E (vocab × hidden) is encoded in Z_2^k
 (k = :data:`TABLE_BITS`, :mod:`permllm.protocols.ring`) at the public scale 2^-s, s =
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ring
-from .linear import SETUP_CHUNK, linear
+from .linear import _chunk_rows as _rows, linear
 from .party import Party, ProtocolError, Role
 from .permute import _perm, reshare_unpermute
 
@@ -57,10 +57,6 @@ class _Table:
     shape: tuple[int, int]
     scale: int                        # public: fractional bits of the encoding
     value: np.ndarray | None = None   # M: E as ring words; U: D = E − U_E; H: U_E (regenerated lazily)
-
-
-def _rows(shape: tuple[int, int]) -> int:
-    return max(1, SETUP_CHUNK // max(shape[1], 1))
 
 
 def _chunks(shape: tuple[int, int]) -> int:
@@ -199,7 +195,7 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         b = p.take(oh + "/lift")
         m = await p.recv(Role.MODEL, p.tag("lift", name, "m"), revealed=True)
         seen = ring.mod(_unpacked(m, out_shape, f"embed {name!r}: the lift from the model party") + b, k)
-        # In range: |E[id] + added rows| ≤ 2^(TABLE_SIG − scale) by the choice of the scale.
+        # In range: |E[id] + added rows| < 2^(TABLE_SIG − scale) by the choice of the scale (table_scale).
         y = ring.decode(seen, t.scale, k, f"embed {name!r}", range_bits=TABLE_SIG - t.scale)
         return await reshare_unpermute(p, name, y, mag=_scalar(mag_out), mode="rows", mag_share=mag_out)
     corr = p.take(oh)

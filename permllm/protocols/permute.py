@@ -220,7 +220,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
                 p.plan_mask("uh", name, "a'", shape, mag)
                 p.plan_mask("uh", name, "b'", shape, mag_b)
             else:
-                p.keep(name + "/unperm", (_zero_tail(_a_mask(p, name, shape, mag), keep), b))
+                p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))  # a′ past a prefix is never sent
         else:
             a = _zero_tail(_a_mask(p, name, shape, mag), keep)
             pi = _perm(p, name, tuple(shape), mode, valid)
@@ -231,8 +231,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if light:
             if y is None:
                 raise ProtocolError(f"reshare_unpermute {name!r}: the user must pass its output")
-            keep = _prefix(tuple(y.shape), mode, valid)
-            a = _zero_tail(_a_mask(p, name, y.shape, mag, again=True) if a_ahead is None else a_ahead, keep)
+            a = _a_mask(p, name, y.shape, mag, again=True) if a_ahead is None else a_ahead
             b = None
         else:
             a, b = p.take(name + "/unperm")
