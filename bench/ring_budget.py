@@ -79,8 +79,8 @@ class FixedOps(PlainOps):
         b = self.w.get(weight + ".b")
         return y if b is None else y + b
 
-    async def norm(self, name, x, src, shape):
-        return self.q(self._norm(x), self.a)
+    async def norm(self, name, x, src, shape, residual=False):
+        return self.q(self._norm(x), self.a), x
 
     async def softmax(self, name, s, valid, scale, src, shape):
         return self.q(F.softmax(s, valid, scale), self.p)
@@ -91,7 +91,7 @@ class FixedOps(PlainOps):
     async def attention(self, i, x, s):
         return await attention_block(self, self.arch, i, x, s)
 
-    def rotate(self, x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
+    def rotate(self, x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None = None) -> np.ndarray:
         """RoPE with c-bit cosines and sines, then q/k truncated to P_q fractional bits."""
         d = x.shape[-1]
         ang = np.asarray(pos, dtype=np.float64)[:, None] / theta ** (np.arange(0, d, 2) / d)[None, :]

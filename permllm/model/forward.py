@@ -14,19 +14,26 @@ reference and all three parties.
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
 from ..protocols import functions as F
+from ..protocols import ring
+from ..protocols.config import RING_BITS
+from ..protocols.linear import public_scale, weight_frac
+from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
-from .layout import merge_heads, positions, rope, split_heads, valid_lengths
+from .layout import merge_heads, positions, rope, rope_bits, split_heads, valid_lengths
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
-           "setup_embedding", "ring_table_meta", "RING_TABLE"]
+           "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
+           "resolve_arith", "RING_FLOOR", "RING_FRONTIER"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
 
@@ -111,7 +118,7 @@ class Forward:
         for i in range(a.layers):
             x = await self.layer(ops, i, x, shape)
         x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
-        h = await ops.norm("final.n", x, "final.x", (1, a.hidden))
+        h, _ = await ops.norm("final.n", x, "final.x", (1, a.hidden))
         if a.tied_head:
             h = await ops.linear("final", h, "final", "final.n", kind="diag")
             return await ops.linear("logits", h, "embed", "final")
@@ -121,7 +128,7 @@ class Forward:
         a, n, T = self.arch, f"L{i}", s.T
         ops.note(f"{n}.x", x)
         attend = getattr(ops, "attention", None)  # a backend may fuse norm1 … P·V (8-hop route)
-        h, att = await (attend(i, x, s) if attend is not None else attention_block(ops, a, i, x, s))
+        h, att, x = await (attend(i, x, s) if attend is not None else attention_block(ops, a, i, x, s))
         o_in = ops.note(f"{n}.attm", ops.local(lambda z: merge_heads(a, z), att))
         o = await ops.linear(f"{n}.o", o_in, f"{n}.o", f"{n}.attm")
         if a.residual == "alpha":
@@ -129,7 +136,7 @@ class Forward:
         else:
             x = ops.add(x, o)
         ops.note(f"{n}.x2", x)
-        h2 = await ops.norm(f"{n}.n2", x, f"{n}.x2", (T, a.hidden))
+        h2, x = await ops.norm(f"{n}.n2", x, f"{n}.x2", (T, a.hidden), a.residual != "alpha")
         u = await ops.linear(f"{n}.mlp_in", h2, f"{n}.mlp_in", f"{n}.n2")
         m = await ops.act(f"{n}.act", u, f"{n}.mlp_in", (T, a.ffn))
         y = await ops.linear(f"{n}.mlp_out", m, f"{n}.mlp_out", f"{n}.act")
@@ -138,24 +145,26 @@ class Forward:
         return ops.add(x, y)
 
 
-async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Value, s: StepShape) -> tuple[Value, Value]:
+async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Value,
+                          s: StepShape) -> tuple[Value, Value, Value]:
     """norm1 → qkv → heads/RoPE → q·Kᵀ → softmax → P·V as separate ops (the 12-hop route).
 
-    Returns the norm output (used by ChatGLM's residual) and the attention output (kv, g, T, d).
+    Returns the norm output (used by ChatGLM's residual), the attention output (kv, g, T, d) and
+    the residual stream x (on the ring re-encoded by the norm, which restarts its scale).
     """
     n, T = f"L{i}", s.T
-    h = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden))
+    h, x = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden), a.residual != "alpha")
     qkv = await ops.linear(f"{n}.qkv", h, f"{n}.qkv", f"{n}.n1")
     q, k, v = ops.local_multi(lambda z: split_heads(a, z), qkv, 3)
-    q = ops.note(f"{n}.q", ops.local(lambda z: rope(a, z, s.pos, s.block), q))
-    k = ops.note(f"{n}.k", ops.local(lambda z: rope(a, z, s.pos, s.block), k))
+    q = await ops.rope(f"{n}.q", q, s)
+    k = await ops.rope(f"{n}.k", k, s)
     v = ops.note(f"{n}.v", v)
     keys = s.past + T
     sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
     pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
                            (a.kv_heads, a.group, T, keys))
     att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
-    return h, att
+    return h, att, x
 
 
 def _norm_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
@@ -215,8 +224,13 @@ class PlainOps:
         b = self.w.get(weight + ".b")
         return self.note(name, y if b is None else y + b)
 
-    async def norm(self, name: str, x: np.ndarray, src: str, shape: tuple) -> np.ndarray:
-        return self.note(name, self._norm(x))
+    async def norm(self, name: str, x: np.ndarray, src: str, shape: tuple,
+                   residual: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(norm(x), x): the private backend may re-encode the residual stream x at the norm."""
+        return self.note(name, self._norm(x)), x
+
+    async def rope(self, name: str, x: np.ndarray, s: StepShape) -> np.ndarray:
+        return self.note(name, rope(self.arch, x, s.pos, s.block))
 
     async def smm(self, name: str, a: np.ndarray, b_new: np.ndarray, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> np.ndarray:
@@ -237,16 +251,16 @@ class PlainOps:
             self.note(name + ".u", u[..., f:])
         return self.note(name, self._act(u))
 
-    async def attention(self, i: int, x: np.ndarray, s: StepShape) -> tuple[np.ndarray, np.ndarray]:
+    async def attention(self, i: int, x: np.ndarray, s: StepShape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The plain composition (as the 12-hop route), also recording the 8-hop route's magnitudes."""
         a, n = self.arch, f"L{i}"
-        h, att = await attention_block(self, a, i, x, s)
+        h, att, x = await attention_block(self, a, i, x, s)
         W = self.w[f"{n}.qkv"]
         b = self.w.get(f"{n}.qkv.b")
         q_raw = split_heads(a, h @ W.T + (0.0 if b is None else b))[0]
         w_k = np.swapaxes(split_heads(a, W.T)[1], -1, -2)   # (kv, 1, d, hidden)
         self.note(f"{n}.w", q_raw @ w_k)                     # q̂·W_k: sizes the 8-hop w-linear's mask
-        return h, att
+        return h, att, x
 
 
 async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
@@ -278,20 +292,156 @@ def public_bounds(mags: dict[str, Any], headroom: float = 2.0) -> dict[str, floa
 def _traced(fn: Callable) -> Callable:
     """Profile a PrivateOps op under its name (a no-op unless the party is tracing)."""
     async def wrapper(self: "PrivateOps", name: str, *args: Any, **kw: Any) -> Any:
+        if self.p is None:  # a budget run: no party
+            return await fn(self, name, *args, **kw)
         async with self.p.traced(name):
             return await fn(self, name, *args, **kw)
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
 
-class PrivateOps:
-    """One party's branch of the forward: values are its shares; ops are protocol ops."""
+@dataclass(frozen=True)
+class RingPlan:
+    """The public fixed-point precision of a ring session (docs/ring.md): fractional bits of U's
+    encodings — ``a`` norm outputs, ``p`` probabilities, ``s`` activation outputs, ``emb`` the lookup's
+    output, ``res`` the residual stream re-encoded at each norm — ``wb`` significant bits per weight,
+    ``c`` of the RoPE rotation, and ``pq`` the scale q and k are truncated to before q·Kᵀ."""
 
-    def __init__(self, p: Party, arch: Arch, mags: dict[str, float], weights: ModelWeights | None,
-                 cache_prefix: str) -> None:
+    a: int
+    wb: int
+    c: int
+    pq: int
+    p: int
+    s: int
+    emb: int = 24
+    res: int = 24
+
+    def to_list(self) -> list[int]:
+        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res]
+
+    @classmethod
+    def from_list(cls, v: object) -> "RingPlan":
+        if not (isinstance(v, list) and len(v) == 8 and all(type(b) is int and 0 <= b <= 40 for b in v)):
+            raise ValueError(f"bad ring precision plan {v!r}")
+        return cls(*v)
+
+
+# Candidate precisions, finest first (a, wb, c, pq, p, s): the session takes the first whose every value fits
+# Z_2^64 with the model's published bounds (choose_ring_plan); docs/ring.md has the measured frontier.
+RING_FRONTIER = [RingPlan(14, 18, 14, 14, 14, 18), RingPlan(13, 17, 13, 13, 13, 17), RingPlan(12, 16, 12, 12, 12, 16),
+                 RingPlan(12, 15, 12, 12, 11, 16), RingPlan(11, 15, 12, 12, 10, 16), RingPlan(10, 14, 12, 12, 10, 16),
+                 RingPlan(10, 13, 10, 10, 10, 16), RingPlan(9, 12, 10, 10, 9, 14), RingPlan(8, 11, 9, 9, 8, 12)]
+
+
+RING_FLOOR = RING_FRONTIER[2]  # "auto" takes the ring only at this precision or finer: float-like tokens
+
+
+def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any]) -> tuple[str, RingPlan | None]:
+    """The model party's choice of arithmetic for a session: ("ring", plan) or ("float", None).
+
+    "ring" takes the finest plan that fits (RingOverflow if none does); "auto" takes the ring where it is
+    built (``possible``) and its plan is at least :data:`RING_FLOOR`, else real numbers; "float" is float.
+    """
+    if arith == "float" or (arith == "auto" and not possible):
+        return "float", None
+    try:
+        plan = choose_ring_plan(weights, mags)
+    except RingOverflow:
+        if arith == "ring":
+            raise
+        return "float", None
+    if arith == "auto" and RING_FRONTIER.index(plan) > RING_FRONTIER.index(RING_FLOOR):
+        return "float", None
+    return "ring", plan
+
+
+class Fx:
+    """A ring share (``v``: uint64 words, or None where the party holds none) with its public encoding:
+    ``scale`` fractional bits on Z_2^``bits`` (64, or less after a local truncation)."""
+
+    __slots__ = ("v", "scale", "bits")
+
+    def __init__(self, v: Any, scale: int, bits: int = RING_BITS) -> None:
+        self.v, self.scale, self.bits = v, scale, bits
+
+    def with_value(self, v: Any) -> "Fx":
+        return Fx(v, self.scale, self.bits)
+
+
+def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12") -> dict[str, int]:
+    """The fractional bits of every private weight under ``plan`` (what the setup announces)."""
+    return {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb)
+            for n, _ in weight_names(arch, route)}
+
+
+def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any]) -> RingPlan:
+    """The finest :data:`RING_FRONTIER` precision whose every shared value fits Z_2^64 with one bit to spare
+    (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does."""
+    arch = weights.arch
+    last: Exception | None = None
+    for plan in RING_FRONTIER:
+        ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan))
+        try:
+            for step in (0, 1):
+                _run_budget(Forward(arch), ops, StepShape(arch, 8, step))
+            return plan
+        except RingOverflow as e:
+            last = e
+    raise RingOverflow(f"no fixed-point precision fits this model's activations in Z_2^64 (the coarsest: {last}); "
+                       "use --arith float")
+
+
+def _run_budget(fwd: "Forward", ops: "PrivateOps", shape: StepShape) -> None:
+    """Drive a scales-only forward to completion (its ops never await anything)."""
+    coro = fwd.step(ops, None, shape)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("a scales-only forward awaited a message")
+
+
+_RESIDUAL = re.compile(r"^(L\d+\.x2?|final\.x)$")
+
+
+def _family(name: str) -> str:
+    """The name shared by one op's values in every layer (the residual stream's points share one)."""
+    return "residual" if _RESIDUAL.match(name) else re.sub(r"^L\d+\.", "L*.", name)
+
+
+def _ring_ranges(mags: dict[str, Any]) -> dict[str, int]:
+    """log2 of the largest published bound of each :func:`_family`: a real prompt's spike in one layer
+    (SmolLM2's massive activations arrive at different layers for different tokens) must not overflow
+    where the calibration happened to see small values; the ring's budget is set by the largest anyway."""
+    out: dict[str, int] = {}
+    for k, v in mags.items():
+        if "|" not in k:
+            f = _family(k)
+            out[f] = max(out.get(f, -64), math.ceil(math.log2(float(np.max(v)))))
+    return out
+
+
+class PrivateOps:
+    """One party's branch of the forward: values are its shares; ops are protocol ops.
+
+    On the ring (``Party.ring``) every value is an :class:`Fx`: the share with its public scale,
+    tracked op by op from the session's :class:`RingPlan` and the weights' fractional bits, and
+    checked against the op's published bound (RingOverflow naming the op if it cannot fit). With
+    ``p=None`` it runs the scales only (:func:`choose_ring_plan`).
+    """
+
+    def __init__(self, p: Party | None, arch: Arch, mags: dict[str, float], weights: ModelWeights | None,
+                 cache_prefix: str, plan: RingPlan | None = None, fracs: dict[str, int] | None = None) -> None:
         self.p, self.arch, self.mags, self.w = p, arch, mags, weights
         self.prefix = cache_prefix
         self._norm_op = rms_norm if arch.norm == "rms" else layer_norm
+        self.ring = p is None or p.ring
+        if self.ring and plan is None:
+            raise ValueError("ring arithmetic needs the session's precision plan")
+        self.plan = plan
+        self.fracs = fracs
+        self._ranges = _ring_ranges(mags) if self.ring else {}
 
     def _mag(self, name: str) -> float:
         """Calibrated bound of |value| (a scalar)."""
@@ -305,58 +455,143 @@ class PrivateOps:
         v = self.mags.get(name + "|col")
         return self._mag(name) if v is None else np.asarray(v, dtype=np.float64)
 
+    # -- ring bookkeeping --------------------------------------------------------------
+    def _range(self, name: str) -> int:
+        """log2 of the bound a ring value must stay within: its op's published bound, the largest over the
+        layers (the residual stream's over every point of it)."""
+        try:
+            return self._ranges[_family(name)]
+        except KeyError:
+            raise KeyError(f"no calibrated magnitude for {name!r}") from None
+
+    def _fx(self, name: str, v: Any, scale: int, bits: int = RING_BITS) -> Fx:
+        """``v`` as a value at ``scale`` on Z_2^bits, after checking that ``name``'s bound fits there."""
+        need = scale + self._range(name) + 2
+        if need > bits:
+            raise RingOverflow(f"{name}: a value bounded by 2^{self._range(name)} at 2^-{scale} needs {need} bits; "
+                               f"it lives on Z_2^{bits}")
+        return Fx(v, scale, bits)
+
+    def _enc(self, name: str, x: Fx) -> ring.Enc:
+        return ring.Enc(x.scale, x.bits, self._range(name))
+
+    def _frac(self, weight: str) -> int:
+        if self.fracs is not None:
+            return self.fracs[weight]
+        return self.p.weights[weight].frac  # type: ignore[union-attr]
+
+    # -- local ops ---------------------------------------------------------------------
     def note(self, name: str, x: Value) -> Value:
+        if self.ring and name in self.mags:
+            self._fx(name, None, x.scale, x.bits)
         return x
 
     def local(self, fn: Callable, x: Value) -> Value:
+        if self.ring:
+            return x.with_value(None if x.v is None else fn(x.v))
         return None if x is None else fn(x)
 
     def local_multi(self, fn: Callable, x: Value, n: int) -> tuple:
+        if self.ring:
+            return tuple(x.with_value(v) for v in ((None,) * n if x.v is None else fn(x.v)))
         return (None,) * n if x is None else fn(x)
 
     def add(self, x: Value, y: Value) -> Value:
+        if self.ring:  # align on the finer scale: shifting a share up is exact
+            sc = max(x.scale, y.scale)
+            if x.v is None or y.v is None:
+                return Fx(None, sc, min(x.bits, y.bits))
+            return Fx(ring.shift_up(x.v, sc - x.scale) + ring.shift_up(y.v, sc - y.scale), sc, min(x.bits, y.bits))
         return None if x is None or y is None else x + y
 
+    async def rope(self, name: str, x: Value, s: StepShape) -> Value:
+        """RoPE on each share; on the ring the rotation is encoded at ``plan.c`` bits and q, k are then truncated
+        locally (no message) to ``plan.pq`` fractional bits, on the smaller ring Z_2^(64−f)."""
+        a = self.arch
+        if not self.ring:
+            return self.local(lambda z: rope(a, z, s.pos, s.block), x)
+        c = rope_bits(a, self.plan.c)  # type: ignore[union-attr]
+        y = self._fx(name, None if x.v is None else rope(a, x.v, s.pos, s.block, c), x.scale + c, x.bits)
+        f = max(0, y.scale - self.plan.pq)  # type: ignore[union-attr]
+        return self._fx(name, None if y.v is None else ring.trunc(y.v, f), y.scale - f, y.bits - f)
+
+    # -- protocol ops ------------------------------------------------------------------
     @_traced
     async def embed(self, name: str, ids: Any, T: int, pos: np.ndarray | None = None) -> Value:
         """The lookup of U's ids in M's ring table ``embed.ring`` (the light mode: real weight ``embed``); M adds
         the learned positions' rows ``pos`` (a table of its own, public indices)."""
+        out = self._fx(name, None, self.plan.emb) if self.ring else None  # type: ignore[union-attr]
+        if self.p is None:
+            return out
         add = self.w["pos_embed"][pos] if self.p.is_model and pos is not None else None  # type: ignore[index]
-        return await embed(self.p, name, ids, weight="embed", table=RING_TABLE, vocab=self.arch.vocab, n_tokens=T,
-                           mag_out=self._col(name), add=add)
+        v = await embed(self.p, name, ids, weight="embed", table=RING_TABLE, vocab=self.arch.vocab, n_tokens=T,
+                        mag_out=self._col(name), add=add, out_scale=None if out is None else out.scale)
+        return v if out is None else out.with_value(v)
 
     @_traced
     async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:
-        bias = None
-        if self.p.is_model:
-            bias = self.w.get(weight + ".b")  # type: ignore[union-attr]
-        return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._col(name), kind=kind,
-                            bias=bias, l2_in=self._mag(src + "|l2"))
+        out = self._fx(name, None, x.scale + self._frac(weight), x.bits) if self.ring else None
+        if self.p is None:
+            return out
+        bias = self.w.get(weight + ".b") if self.p.is_model else None  # type: ignore[union-attr]
+        if out is not None and bias is not None:
+            bias = ring.encode(bias, out.scale, RING_BITS, f"{name} bias")
+        v = await linear(self.p, name, x.v if self.ring else x, weight, mag_in=self._mag(src),
+                         mag_out=self._col(name), kind=kind, bias=bias, l2_in=self._mag(src + "|l2"))
+        return v if out is None else out.with_value(v)
 
     @_traced
-    async def norm(self, name: str, x: Value, src: str, shape: tuple) -> Value:
-        return await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
-                                   mag_out=self._mag(name), mag_share=self._col(name))
+    async def norm(self, name: str, x: Value, src: str, shape: tuple, residual: bool = False) -> tuple[Value, Value]:
+        """(norm(x), x); on the ring U re-encodes the residual stream x at ``plan.res`` in the same hop."""
+        if not self.ring:
+            h = await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
+                                    mag_out=self._mag(name), mag_share=self._col(name))
+            return h, x
+        self._fx(src, None, x.scale, x.bits)
+        out = self._fx(name, None, self.plan.a)  # type: ignore[union-attr]
+        res = self._fx(src, None, self.plan.res) if residual else None  # type: ignore[union-attr]
+        if self.p is None:
+            return out, (res or x)
+        enc = dict(encs_in=[self._enc(src, x)], enc_out=self._enc(name, out),
+                   residual=None if res is None else self._enc(src, res))
+        got = await self._norm_op(self.p, name, x.v, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
+                                  mag_out=self._mag(name), mag_share=self._col(name), **enc)
+        if res is None:
+            return out.with_value(got), x
+        return out.with_value(got[0]), res.with_value(got[1])
 
     @_traced
     async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> Value:
-        return await matmul_shared(self.p, name, a, b_new, f"{self.prefix}{cache}", transpose_b=transpose_b,
-                                   mag_a=self._mag(src_a), mag_b=self._mag(src_b),
-                                   mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
-                                   l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
+        out = self._fx(name, None, a.scale + b_new.scale, min(a.bits, b_new.bits)) if self.ring else None
+        if self.p is None:
+            return out
+        v = await matmul_shared(self.p, name, a.v if self.ring else a, b_new.v if self.ring else b_new,
+                                f"{self.prefix}{cache}", transpose_b=transpose_b,
+                                mag_a=self._mag(src_a), mag_b=self._mag(src_b),
+                                mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
+                                l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
+        return v if out is None else out.with_value(v)
 
     @_traced
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
-        return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
+        if not self.ring:
+            return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
+        out = self._fx(name, None, self.plan.p)  # type: ignore[union-attr]
+        if self.p is None:
+            return out
+        v = await softmax(self.p, name, s.v, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape,
+                          encs_in=[self._enc(src, s)], enc_out=self._enc(name, out))
+        return out.with_value(v)
 
-    async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value]:
+    async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value, Value]:
         """norm1 … P·V: the fused 8-hop op in decode when the session's route is "8", else the 12-hop ops.
 
-        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches.
+        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches. Returns
+        (norm output, attention output, residual stream).
         """
         a, n = self.arch, f"L{i}"
-        if self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T):
+        if self.p is None or self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T):
             # The fused op reveals every score of its row: only a step that attends to all keys takes it.
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
@@ -371,16 +606,26 @@ class PrivateOps:
                      w_l2=self._mag(f"{n}.w|l2"), att_col=self._col(f"{n}.att"), q_col=self._col(f"{n}.q"),
                      k_col=self._col(f"{n}.k"), v_col=self._col(f"{n}.v"))
         async with self.p.traced(f"{n}.att8"):
-            return await attention_decode(self.p, f"{n}.att8", x, spec=spec, mags=m, weight=f"{n}.qkv",
-                                          cache_k=f"{self.prefix}{n}.K", cache_v=f"{self.prefix}{n}.V",
-                                          bias_weight=f"{n}.qkv.b" if a.qkv_bias else None, valid=s.valid)
+            h, att = await attention_decode(self.p, f"{n}.att8", x, spec=spec, mags=m, weight=f"{n}.qkv",
+                                            cache_k=f"{self.prefix}{n}.K", cache_v=f"{self.prefix}{n}.V",
+                                            bias_weight=f"{n}.qkv.b" if a.qkv_bias else None, valid=s.valid)
+        return h, att, x
 
     @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:
+        out = self._fx(name, None, self.plan.s) if self.ring else None  # type: ignore[union-attr]
+        if self.p is None:
+            return out
+        uv = u.v if self.ring else u
         if self.arch.act == "swiglu":
             f = self.arch.ffn
-            g_, u_ = (None, None) if u is None else (u[..., :f], u[..., f:])
-            return await swiglu(self.p, name, g_, u_, mag_g=self._mag(name + ".g"), mag_u=self._mag(name + ".u"),
-                                shape=shape, mag_out=self._mag(name), mag_share=self._col(name))
-        return await gelu(self.p, name, u, mag_in=self._mag(src), approximate=self.arch.act == "gelu_tanh",
-                          shape=shape, mag_out=self._mag(name), mag_share=self._col(name))
+            g_, u_ = (None, None) if uv is None else (uv[..., :f], uv[..., f:])
+            enc = {} if out is None else dict(encs_in=[self._enc(name + ".g", u), self._enc(name + ".u", u)],
+                                              enc_out=self._enc(name, out))
+            v = await swiglu(self.p, name, g_, u_, mag_g=self._mag(name + ".g"), mag_u=self._mag(name + ".u"),
+                             shape=shape, mag_out=self._mag(name), mag_share=self._col(name), **enc)
+        else:
+            enc = {} if out is None else dict(encs_in=[self._enc(src, u)], enc_out=self._enc(name, out))
+            v = await gelu(self.p, name, uv, mag_in=self._mag(src), approximate=self.arch.act == "gelu_tanh",
+                           shape=shape, mag_out=self._mag(name), mag_share=self._col(name), **enc)
+        return v if out is None else out.with_value(v)

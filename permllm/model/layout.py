@@ -12,7 +12,7 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "rope", "positions", "valid_lengths"]
+__all__ = ["split_heads", "merge_heads", "rope", "rope_bits", "positions", "valid_lengths"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,27 +30,41 @@ def merge_heads(arch: Arch, o: np.ndarray) -> np.ndarray:
     return o.transpose(2, 0, 1, 3).reshape(T, arch.heads * arch.head_dim)
 
 
-def _rotate(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
-    """Rotate-half RoPE over the last axis of x (…, T, d) at positions ``pos`` (T,)."""
+def _rotate(x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None) -> np.ndarray:
+    """Rotate-half RoPE over the last axis of x (…, T, d) at positions ``pos`` (T,).
+
+    With ``frac`` (ring words): cos and sin encoded as round(·2^frac), so the result is exact
+    mod 2^64 at ``frac`` more fractional bits (a public linear map of each share).
+    """
     d = x.shape[-1]
     inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
     ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
-    cos = np.cos(np.concatenate([ang, ang], -1)).astype(x.dtype)
-    sin = np.sin(np.concatenate([ang, ang], -1)).astype(x.dtype)
+    cos = np.cos(np.concatenate([ang, ang], -1))
+    sin = np.sin(np.concatenate([ang, ang], -1))
+    if frac is None:
+        cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    else:
+        cos, sin = (np.rint(t * 2.0**frac).astype(np.int64).view(np.uint64) for t in (cos, sin))
     half = d // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
     return x * cos + rot * sin
 
 
-def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None) -> np.ndarray:
-    """Rotary embedding of q or k (…, T, hd); ChatGLM rotates each half by its own id."""
+def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None, frac: int | None = None) -> np.ndarray:
+    """Rotary embedding of q or k (…, T, hd); ChatGLM rotates each half by its own id. ``frac``: on ring
+    words, the fractional bits of the encoded rotation (the result's scale grows by them)."""
     if arch.pos == "rope":
-        return _rotate(x, pos, arch.rope_theta)
+        return _rotate(x, pos, arch.rope_theta, frac)
     if arch.pos == "rope2d":
         h = x.shape[-1] // 2
-        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta),
-                               _rotate(x[..., h:], block, arch.rope_theta)], -1)
+        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta, frac),
+                               _rotate(x[..., h:], block, arch.rope_theta, frac)], -1)
     return x
+
+
+def rope_bits(arch: Arch, frac: int) -> int:
+    """The fractional bits :func:`rope` adds on ring words (none without rotary positions)."""
+    return frac if arch.pos in ("rope", "rope2d") else 0
 
 
 def positions(arch: Arch, prompt_len: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:

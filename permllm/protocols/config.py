@@ -14,12 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ShareConfig", "DEFAULT_RATIO", "DTYPES", "ROUTES", "OFFLINE_MODES", "FLOAT32_REFUSED", "check_dtype"]
+__all__ = ["ShareConfig", "DEFAULT_RATIO", "DTYPES", "ROUTES", "OFFLINE_MODES", "ARITHS", "RING_BITS", "FLOAT32_REFUSED",
+           "check_dtype"]
 
 DEFAULT_RATIO = 2.0**12
 DTYPES = ("float64",)
 ROUTES = ("12", "8")
 OFFLINE_MODES = ("dealer", "he")
+# Share arithmetic: "ring" (exact fixed point on Z_2^64, every mask uniform: perfect hiding; docs/ring.md),
+# "float" (real numbers with masks R times a public bound: statistical hiding; docs/design.md §10), or
+# "auto": ring where it is built (the dealt mode on the 12-hop route) and the model's activations fit Z_2^64 at
+# float-like precision (model/forward.py, RING_FLOOR), else float — the model party decides in the setup.
+ARITHS = ("auto", "ring", "float")
+RING_BITS = 64
 FLOAT32_REFUSED = ("float32 shares are refused: float32 masks of ratio 2**4 do not hide the inputs (an audit "
                    "identified 32 of 32 token ids exactly from the embedding messages); use float64, see "
                    "'Precision and hiding' in the README")
@@ -46,6 +53,7 @@ class ShareConfig:
     # Offline phase of the linear layers: "dealer" (U holds the masked weights W − U_W, H deals)
     # or "he" (the light client: CKKS products with M, no model-sized state at U; protocols/he_matmul.py).
     offline: str = "dealer"
+    arith: str = "auto"
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
@@ -58,7 +66,18 @@ class ShareConfig:
         if self.offline == "he" and self.route != "12":
             raise ValueError("the light client (offline 'he') needs attention route 12 "
                              "(the 8-hop route uses the user's masked key weights)")
+        if self.arith not in ARITHS:
+            raise ValueError(f"share arithmetic must be one of {', '.join(ARITHS)}, not {self.arith!r}")
+        if self.arith == "ring" and not self.ring_possible:
+            raise ValueError("ring arithmetic runs in the dealt mode on attention route 12 only (the 8-hop route "
+                             "and the light client still share real numbers): use --arith float or auto")
+
+    @property
+    def ring_possible(self) -> bool:
+        """Whether this configuration has a ring implementation (the dealt mode on the 12-hop route)."""
+        return self.offline == "dealer" and self.route == "12"
 
     @property
     def np_dtype(self) -> np.dtype:
+        """The dtype of a real-number share (a ring share is a uint64 word: ``Party.dtype``)."""
         return np.dtype(self.dtype)

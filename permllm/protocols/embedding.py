@@ -19,12 +19,13 @@
 Learns: the ring messages M receives — onehot − r, r·D + t, r·U_E − t − r₂ and δ — are
 uniform mod 2^k whatever the ids and the table (t, r₂, r, b are fresh and uniform), so they
 tell M nothing. U receives D (uniform) and, at the lift, π(E[ids] + positions): the
-multiset the first norm reveals anyway (the PermLLM leakage). H receives nothing. The
-lift's reshare (hop 3) is a real-number reshare like every layer's, so M's view of its
-output (π⁻¹(y′ − a′) + γ = E[ids] + positions − b′, b′ of width R × the public bound) is
-hidden statistically, as the layers' shares are: the exact consistency attack on that view
-(bench/lookup_leak.py) measures 0.011 bits of the id per SmolLM2 lookup on average, at most
-1.4 (0.4 bits with the former real-number lookup), until the layers run on the ring too.
+multiset the first norm reveals anyway (the PermLLM leakage). H receives nothing. On the
+ring (the default, ``Party.ring``) the lift's reshare (hop 3) is on Z_2^64 too, at the
+layers' encoding, so every message M receives is uniform: the lookup hides perfectly. With
+``--arith float`` it is a real-number reshare, and M's view of its output
+(π⁻¹(y′ − a′) + γ = E[ids] + positions − b′, b′ of width R × the public bound) is hidden
+statistically: the exact consistency attack on that view (bench/lookup_leak.py) measures
+0.011 bits of the id per SmolLM2 lookup on average, at most 1.4.
 
 **Light mode** (``config.offline == "he"``) keeps the real-number lookup: U sends
 onehot − r with r uniform over the integers in [−R/2, R/2) (int16 on the wire), then the
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ring
+from .config import RING_BITS
 from .linear import _chunk_rows as _rows, linear
 from .party import Party, ProtocolError, Role
 from .permute import _perm, reshare_unpermute
@@ -140,11 +142,12 @@ def _helper_table(p: Party, name: str) -> np.ndarray:
 
 async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weight: str, vocab: int,
                 n_tokens: int, mag_out: float | np.ndarray, table: str | None = None,
-                add: np.ndarray | None = None) -> np.ndarray | None:
+                add: np.ndarray | None = None, out_scale: int | None = None) -> np.ndarray | None:
     """[E[ids] (+ add)] as real-number shares, for ``n_tokens`` ids known to U only (U passes them online).
 
     ``table`` names the ring table of the dealt mode (:func:`setup_table`); ``weight`` the
-    real-number weight of the light mode. ``add`` (M only): public-index rows of a table of
+    real-number weight of the light mode. On the ring (``Party.ring``) the lift reshares the
+    result on Z_2^64 at ``out_scale`` fractional bits (exact), else as real numbers. ``add`` (M only): public-index rows of a table of
     M's (learned positions), added to the result. 3 online hops in the dealt mode, 1 in the
     light mode. See the module docstring for what each party learns.
     """
@@ -197,6 +200,10 @@ async def embed(p: Party, name: str, ids: np.ndarray | list[int] | None, *, weig
         seen = ring.mod(_unpacked(m, out_shape, f"embed {name!r}: the lift from the model party") + b, k)
         # In range: |E[id] + added rows| < 2^(TABLE_SIG − scale) by the choice of the scale (table_scale).
         y = ring.decode(seen, t.scale, k, f"embed {name!r}", range_bits=TABLE_SIG - t.scale)
+        if p.ring:
+            if out_scale is None:
+                raise ValueError(f"embed {name!r}: the ring needs the output's scale")
+            y = ring.encode(y, out_scale, RING_BITS, f"embed {name!r}")
         return await reshare_unpermute(p, name, y, mag=_scalar(mag_out), mode="rows", mag_share=mag_out)
     corr = p.take(oh)
     delta, pi = p.take(oh + "/lift")

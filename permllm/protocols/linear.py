@@ -34,10 +34,11 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from . import he_matmul
+from . import he_matmul, ring
+from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 
-__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "dealt_batch", "public_scale"]
+__all__ = ["setup_weight", "linear", "reshare", "WeightKind", "dealt_batch", "public_scale", "weight_frac"]
 
 WeightKind = str  # "dense": x @ W.T (W: out×in) · "transposed": x @ W (W: in×out) · "diag": x * w
 SETUP_CHUNK = 1 << 22  # elements per setup message (32 MiB in float64)
@@ -49,8 +50,9 @@ class _Weight:
 
     shape: tuple[int, ...]
     scale: float            # public: max |W| rounded up to a power of two; U_W has width R·scale
-    value: np.ndarray | None = None   # M: W; U: D = W − U_W; H: U_W (regenerated lazily)
+    value: np.ndarray | None = None   # M: W (on the ring: encoded); U: D = W − U_W; H: U_W (regenerated lazily)
     chunks: int = 1
+    frac: int = 0           # public, ring only: W is carried as round(W·2^frac)
     extra: dict = field(default_factory=dict)
 
 
@@ -67,35 +69,45 @@ def _uw_chunk(p: Party, name: str, shape: tuple[int, ...], scale: float, i: int,
 
 
 async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
-                       shape: tuple[int, ...] | None = None) -> None:
+                       shape: tuple[int, ...] | None = None, sig_bits: int | None = None) -> None:
     """Setup phase for one private weight (M passes it; U and H pass nothing, or the ``shape`` they expect).
 
-    Learns: U gets D = W − U_W, W hidden by a uniform mask of width R·max|W|
-    (plus the public shape and max|W| rounded up to a power of two); H gets those only;
-    M learns nothing. In the light mode U, like H, gets only shape and max|W|.
+    On the ring M encodes W with :func:`weight_frac` fractional bits (``sig_bits`` significant
+    bits below its public scale) and U_W is uniform on Z_2^64.
+
+    Learns: U gets D = W − U_W — on the ring uniform whatever W (perfect hiding), on real
+    numbers W hidden by a uniform mask of width R·max|W| — plus the public shape, max|W|
+    rounded up to a power of two and the fractional bits; H gets those only; M learns
+    nothing. In the light mode U, like H, gets only shape and max|W|.
     """
     kind = "setup"
     light = p.config.offline == "he"
     if p.is_model:
         if weight is None:
             raise ValueError("the model party must pass the weight")
-        W = np.ascontiguousarray(weight, dtype=p.dtype)
+        W = np.ascontiguousarray(weight, dtype=np.float64)
         scale = public_scale(W)
         if not math.isfinite(scale):
             raise ValueError(f"weight {name!r} contains inf or nan")
+        frac = 0
+        if p.ring:
+            if sig_bits is None:
+                raise ValueError(f"weight {name!r}: the ring needs the weights' significant bits")
+            frac = weight_frac(scale, sig_bits)
+            W = ring.encode(W, frac, RING_BITS, f"weight {name!r}")
         rows = _chunk_rows(W.shape)
         chunks = 0 if light else max(1, -(-W.shape[0] // rows))
-        meta = {"shape": list(W.shape), "scale": scale, "chunks": chunks}
+        meta = {"shape": list(W.shape), "scale": scale, "chunks": chunks, "frac": frac}
         p.send(Role.HELPER, (kind, name, "meta"), meta)
         p.send(Role.USER, (kind, name, "meta"), meta)
         for i in range(chunks):
             uw = await p.compute(_uw_chunk, p, name, W.shape, scale, i, rows, work=rows * W[0].size)
             p.send(Role.USER, (kind, name, i), W[i * rows:i * rows + len(uw)] - uw)
             await p.channels[Role.USER].flush()  # bound memory: one chunk in flight
-        p.weights[name] = _Weight(W.shape, scale, W, chunks)
+        p.weights[name] = _Weight(W.shape, scale, W, chunks, frac)
         return
-    shape, scale, chunks = _check_meta(await p.recv(Role.MODEL, (kind, name, "meta")), name, light, shape)
-    w = _Weight(shape, scale, None, chunks)
+    shape, scale, chunks, frac = _check_meta(await p.recv(Role.MODEL, (kind, name, "meta")), name, light, shape)
+    w = _Weight(shape, scale, None, chunks, frac)
     if light:
         if w.chunks:
             raise ProtocolError(f"setup of weight {name!r}: the model party sends masked weights in the light mode")
@@ -118,6 +130,12 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
     p.weights[name] = w
 
 
+def weight_frac(scale: float, sig_bits: int) -> int:
+    """Fractional bits of a weight on the ring: ``sig_bits`` significant bits for its largest entries
+    (|W| ≤ ``scale``, a power of two)."""
+    return sig_bits - (math.frexp(scale)[1] - 1 if scale > 0 else 0)
+
+
 def public_scale(W: np.ndarray) -> float:
     """The scale the setup publishes for a weight: max|W| rounded up to a power of two (0 for zeros;
     inf/nan stay so, for the caller to refuse) — not max|W| itself, a fingerprint of the weights."""
@@ -126,12 +144,12 @@ def public_scale(W: np.ndarray) -> float:
 
 
 def _check_meta(meta: object, name: str, light: bool,
-                expect: tuple[int, ...] | None) -> tuple[tuple[int, ...], float, int]:
-    """The model party's setup metadata of one weight: (shape, scale, chunks), else ProtocolError."""
+                expect: tuple[int, ...] | None) -> tuple[tuple[int, ...], float, int, int]:
+    """The model party's setup metadata of one weight: (shape, scale, chunks, frac), else ProtocolError."""
     if not (isinstance(meta, dict) and isinstance(meta.get("shape"), list) and meta["shape"]
             and all(type(n) is int and n > 0 for n in meta["shape"])
             and isinstance(meta.get("scale"), float) and math.isfinite(meta["scale"]) and meta["scale"] >= 0
-            and type(meta.get("chunks")) is int):
+            and type(meta.get("chunks")) is int and type(meta.get("frac")) is int and -64 < meta["frac"] < 64):
         raise ProtocolError(f"bad setup metadata for weight {name!r}")
     shape = tuple(meta["shape"])
     if expect is not None and shape != tuple(expect):
@@ -140,7 +158,7 @@ def _check_meta(meta: object, name: str, light: bool,
     if not light and meta["chunks"] != want:
         raise ProtocolError(f"setup metadata of weight {name!r}: {meta['chunks']} chunks for shape {shape}, "
                             f"expected {want}")
-    return shape, meta["scale"], meta["chunks"]
+    return shape, meta["scale"], meta["chunks"], meta["frac"]
 
 
 def _helper_uw(p: Party, name: str) -> np.ndarray:
@@ -157,11 +175,17 @@ def _helper_uw(p: Party, name: str) -> np.ndarray:
 
 
 def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    if kind == "dense":
+    """x·W for a weight of ``kind``: real numbers, or exactly mod 2^64 for ring words."""
+    if x.dtype == np.uint64:
+        if kind == "diag":
+            return x * W
+        if kind in ("dense", "transposed"):
+            return ring.matmul(x, W, RING_BITS, transpose_b=kind == "dense")
+    elif kind == "dense":
         return x @ W.T
-    if kind == "transposed":
+    elif kind == "transposed":
         return x @ W
-    if kind == "diag":
+    elif kind == "diag":
         return x * W
     raise ValueError(f"unknown weight kind {kind!r}")
 

@@ -11,9 +11,10 @@ opened, once. With α, β from s_MH (H knows them) and U's shares H-derivable:
 * online hop 2, U → M: C_U − r; M's share becomes A_M·B_Mᵀ + c + C_U − r = C − r and
   U's is r (H-derivable again).
 
-Learns: U sees A_M and B_M hidden by α, β (width R·mag); M receives c and C_U − r,
-hidden by ρ (width R·|secret-dependent part| = R²·mag_a·mag_b·√k) and r (width
-R·mag_out); H learns nothing.
+Learns: U sees A_M and B_M hidden by α, β; M receives c and C_U − r, hidden by ρ and r. On
+the ring (every mask uniform on Z_2^64) each of these is uniform whatever the secret: perfect
+hiding. On real numbers α, β have width R·mag, ρ width R·|secret-dependent part| =
+R²·mag_a·mag_b·√k and r width R·mag_out. H learns nothing.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ import math
 
 import numpy as np
 
+from . import ring
+from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 
 __all__ = ["matmul_shared"]
 
 
 def _mm(a: np.ndarray, b: np.ndarray, transpose_b: bool) -> np.ndarray:
+    if a.dtype == np.uint64:  # ring words: exact mod 2^64
+        return ring.matmul(a, b, RING_BITS, transpose_b)
     return a @ np.swapaxes(b, -1, -2) if transpose_b else a @ b
 
 
@@ -87,7 +92,7 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
     if p.is_user:
         assert a is not None
         rho, r, n_rows = p.take(name)
-        opened = await p.recv(Role.MODEL, p.tag("smm", name, "open"))
+        opened = await p.recv(Role.MODEL, p.tag("smm", name, "open"), modulus=2**64 if p.ring else None)
         if not (isinstance(opened, list) and len(opened) == 2
                 and all(isinstance(o, np.ndarray) and o.dtype == p.dtype for o in opened)
                 and opened[0].shape == a.shape):

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar
 import numpy as np
 
 from ..net import Channel, Meter
-from .config import ShareConfig
+from .config import RING_BITS, ShareConfig
 from .prg import stream, uniform_mask
 from .transcript import Transcript
 
@@ -56,7 +56,7 @@ class Party:
     """Context of one party: role, channels, seeds, phase, and state kept across phases."""
 
     __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds",
-                 "trace", "op", "transcript")
+                 "trace", "op", "transcript", "ring")
 
     def __init__(self, role: Role, channels: Mapping[Role, Channel], config: ShareConfig, meter: Meter) -> None:
         self.role = Role(role)
@@ -72,6 +72,8 @@ class Party:
         self.trace: list[OpRecord] | None = None  # profiling: finished op records (shared by views)
         self.op: OpRecord | None = None  # profiling: the op this view is running
         self.transcript: Transcript | None = None  # audits: every array received (protocols/transcript.py)
+        # Shares on Z_2^64 (else real numbers): config.arith "ring", or "auto" resolved so by the session setup.
+        self.ring = config.arith == "ring"
 
     def view(self, phase: str, token: int) -> "Party":
         """The same party (shared channels, seeds and state) in another phase/token.
@@ -98,7 +100,8 @@ class Party:
 
     @property
     def dtype(self) -> np.dtype:
-        return self.config.np_dtype
+        """The dtype of a share: uint64 words on the ring, else the float dtype."""
+        return np.dtype(np.uint64) if self.ring else self.config.np_dtype
 
     @property
     def ratio(self) -> float:
@@ -138,7 +141,9 @@ class Party:
     def mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...],
              width: float | np.ndarray) -> np.ndarray:
         """A uniform mask of the given width (a scalar, or per last-axis column) from the
-        (which, name, token, purpose) stream."""
+        (which, name, token, purpose) stream; on the ring, uniform on Z_2^64 whatever the width."""
+        if self.ring:
+            return self.gen(which, name, purpose).ring(tuple(shape), RING_BITS)
         return uniform_mask(self.gen(which, name, purpose), tuple(shape), width, self.dtype)
 
     # -- masks a light-mode user draws twice ---------------------------------------------
@@ -244,8 +249,9 @@ class Party:
             self.trace.append(rec)
 
     async def recv_array(self, frm: Role, tag: tuple, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Receive an ndarray of this session's dtype (and shape, when given), else ProtocolError."""
-        a = await self.recv(frm, tag)
+        """Receive an ndarray of this session's dtype (and shape, when given), else ProtocolError. On the ring
+        every such array is a masked share, uniform on Z_2^64 whatever the secrets (the transcript says so)."""
+        a = await self.recv(frm, tag, modulus=2**64 if self.ring else None)
         check_array(a, self.dtype, shape, f"message {tag} from {frm.value}")
         return a
 
@@ -259,6 +265,13 @@ class Party:
     def keep(self, name: str, value: Any) -> None:
         """Keep an offline product for the online phase of the same op and token."""
         self.store[(name, self.token)] = value
+
+    def peek(self, name: str) -> Any:
+        """What :meth:`keep` kept for this op and token, left in place (a second use of the same value)."""
+        try:
+            return self.store[(name, self.token)]
+        except KeyError:
+            raise ProtocolError(f"{self.role.value}: nothing kept for op {name!r} token {self.token}") from None
 
     def take(self, name: str) -> Any:
         """Take what the offline phase kept for this op and token (exactly once)."""

@@ -27,10 +27,12 @@ steps when their batch's HE exchange is over (:meth:`Party.mask_plan`), else onl
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import ring
+from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 from .prg import flat_permutation, row_permutation
 
@@ -116,21 +118,41 @@ def _zero_tail(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
 
 async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *, mags: Sequence[float],
                          mode: str = "flat", valid: np.ndarray | None = None,
-                         shape: tuple[int, ...] | None = None) -> list[np.ndarray] | None:
+                         shape: tuple[int, ...] | None = None,
+                         encs: Sequence[ring.Enc] | None = None) -> list[np.ndarray] | None:
     """Reveal π(x) of each shared input to U, all under the same π; 1 hop M → U.
 
-    ``shape`` is the inputs' shape (M passes it offline, when it has no values).
+    ``shape`` is the inputs' shape (M passes it offline, when it has no values). On the ring
+    ``encs`` gives each input's public encoding: its messages travel mod 2^wire (the bits its
+    value needs, :class:`~permllm.protocols.ring.Enc`), and U gets the words mod 2^wire to decode.
     Returns U's clear permuted values; M and H get None (M keeps π for
     :func:`reshare_unpermute` of the same ``name``).
 
     Learns: U learns π(x) (the PermLLM leakage) and nothing of π — with a ``valid`` prefix
     per row only the prefixes: the entries past them are never sent, U's view holds zeros
-    there; M receives δ = π(x_U) − b, i.e. x hidden by b (width R·mag); H learns nothing.
+    there; M receives δ = π(x_U) − b, i.e. x hidden by b (on the ring uniform whatever x:
+    perfect hiding; on real numbers width R·mag); H learns nothing.
     """
     R = p.ratio
+    rg = p.ring
+    if rg and (encs is None or len(encs) != len(mags)):
+        raise ValueError(f"permute_reveal {name!r}: the ring needs each input's encoding")
+    wires = [e.wire for e in encs] if rg else [0] * len(mags)  # type: ignore[union-attr]
+
+    def out(v: np.ndarray, bits: int) -> np.ndarray:  # what travels: ring words narrowed to their width
+        return ring.pack(ring.mod(v, RING_BITS) & _low(bits), bits) if rg else v
+
+    def got(v: object, bits: int, n: tuple[int, ...], what: str) -> np.ndarray:
+        if not rg:
+            return v  # type: ignore[return-value]
+        try:
+            return ring.unpack(v, bits, n, what).astype(np.uint64)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+
     if p.phase == "offline":
         if p.is_model:
-            deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"))
+            deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"), modulus=256 if rg else None)
             if not isinstance(deltas, list) or len(deltas) != len(mags):
                 raise ProtocolError(f"permute_reveal {name!r}: bad correlation from the helper")
             # π does not depend on any value: draw it now, off the online path.
@@ -148,7 +170,8 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             return None
         pi = _perm(p, name, shp, mode, valid)
         keep = _prefix(shp, mode, valid)
-        p.send(Role.MODEL, p.tag("perm", name, "delta"), [_pack(pi.apply(x) - b, keep) for x, b in zip(xs, bs)])
+        p.send(Role.MODEL, p.tag("perm", name, "delta"),
+               [out(_pack(pi.apply(x) - b, keep), w) for x, b, w in zip(xs, bs, wires)])
         return None
     if p.is_model:
         deltas, pi = p.take(name + "/reveal")
@@ -159,10 +182,11 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         keep = _prefix(shp, mode, valid)
         want = shp if keep is None else (int(keep.sum()),)
         ms = []
-        for x, d in zip(xs, deltas):
+        for x, d, w in zip(xs, deltas, wires):
+            d = got(d, w, want, f"permute_reveal {name!r}: the helper's correlation")
             if tuple(d.shape) != want:
                 raise ProtocolError(f"permute_reveal {name!r}: correlation shape {d.shape} != {want}")
-            ms.append(_pack(pi.apply(x), keep) + d)
+            ms.append(out(_pack(pi.apply(x), keep) + d, w))
         p.send(Role.USER, p.tag("perm", name, "m"), ms)
         return None
     if p.is_user:
@@ -176,24 +200,32 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         if not isinstance(ms, list) or len(ms) != len(bs):
             raise ProtocolError(f"permute_reveal {name!r}: expected {len(bs)} arrays")
         keep = _prefix(tuple(bs[0].shape), mode, valid)
-        out = []
-        for m, b in zip(ms, bs):
+        res = []
+        for m, b, w in zip(ms, bs, wires):
             b = _pack(b, keep)
+            m = got(m, w, b.shape, f"permute_reveal {name!r}: the model party's message")
             if not isinstance(m, np.ndarray) or m.shape != b.shape or m.dtype != b.dtype:
                 raise ProtocolError(f"permute_reveal {name!r}: bad array from the model party")
-            out.append(_unpack(m + b, keep, f"permute_reveal {name!r}"))
-        return out
+            v = (m + b) & _low(w) if rg else m + b
+            res.append(_unpack(v, keep, f"permute_reveal {name!r}"))
+        return res
     raise ProtocolError(f"permute_reveal {name!r}: the helper has no online branch")
+
+
+def _low(bits: int) -> np.uint64:
+    """The mask of the low ``bits`` bits of a uint64 word."""
+    return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: float,
                             mode: str = "flat", valid: np.ndarray | None = None,
                             shape: tuple[int, ...] | None = None,
                             mag_share: float | np.ndarray | None = None,
-                            a_ahead: np.ndarray | None = None) -> np.ndarray | None:
+                            a_ahead: np.ndarray | None = None, perm_name: str | None = None) -> np.ndarray | None:
     """Share U's clear permuted ``y`` again and undo π; 1 hop U → M.
 
-    Offline, U and H pass ``shape`` (y's shape). Returns the new share: M gets
+    π is that of the reveal named ``perm_name`` (default ``name``); on the ring U passes ``y``
+    encoded (words of Z_2^64). Offline, U and H pass ``shape`` (y's shape). Returns the new share: M gets
     π⁻¹(y′ − a′) + γ = y − b′, U gets b′ (H-derivable). ``mag`` bounds |y| (a′ lives in
     permuted space, so its width is uniform); ``mag_share`` may give b′ a width per
     column of y (default ``mag``). A light-mode U may pass a′ drawn ahead (``a_ahead``,
@@ -202,10 +234,11 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     With a ``valid`` prefix per row, only the prefixes' entries are sent and both new shares
     are 0 past them (a softmax over the prefix; U's ``y`` there is not used).
 
-    Learns: M receives y′ − a′ (hidden by a′, width R·mag) and γ = π⁻¹(a′) − b′;
-    their combination y − b′ stays hidden by b′. H learns nothing.
+    Learns: M receives y′ − a′ (hidden by a′: on the ring uniform whatever y, on real numbers
+    width R·mag) and γ = π⁻¹(a′) − b′; their combination y − b′ stays hidden by b′. H learns nothing.
     """
     mag_b = mag if mag_share is None else mag_share
+    perm_name = perm_name or name
     if p.phase == "offline":
         if p.is_model:
             gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"))
@@ -223,7 +256,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
                 p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))  # a′ past a prefix is never sent
         else:
             a = _zero_tail(_a_mask(p, name, shape, mag), keep)
-            pi = _perm(p, name, tuple(shape), mode, valid)
+            pi = _perm(p, perm_name, tuple(shape), mode, valid)
             p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
         return b
     if p.is_user:
@@ -244,7 +277,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         return b
     if p.is_model:
         gamma = p.take(name + "/unperm")
-        pi = p.take(name + "/pi")
+        pi = p.take(name + "/pi") if perm_name == name else p.peek(perm_name + "/pi")
         keep = _prefix(tuple(gamma.shape), mode, valid)
         d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"),
                                gamma.shape if keep is None else (int(keep.sum()),))
@@ -256,22 +289,45 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
                          f: Callable[..., np.ndarray], *, mags_in: Sequence[float], mag_out: float,
                          mode: str = "flat", valid: np.ndarray | None = None,
                          shape: tuple[int, ...] | None = None,
-                         mag_share: float | np.ndarray | None = None) -> np.ndarray | None:
+                         mag_share: float | np.ndarray | None = None,
+                         encs_in: Sequence[ring.Enc] | None = None, enc_out: ring.Enc | None = None,
+                         residual: ring.Enc | None = None) -> Any:
     """[f(x₀, x₁, …)] for f commuting with π: permute-and-reveal, f at U, reshare-unpermute.
 
     Exactly 2 online hops (M → U, U → M). ``f`` must map permuted inputs to a permuted
     output of the same shape. M passes ``shape`` offline (it has no values then).
+    On the ring U decodes each input at its encoding ``encs_in`` (a value outside its
+    published range raises :class:`~permllm.protocols.ring.RingOverflow` naming the op) and
+    encodes the output at ``enc_out``. With ``residual`` (ring only) U also reshares x₀ itself
+    re-encoded at that scale, in the same hop, and the op returns (output share, x₀'s new share):
+    a residual stream restarts its scale at each norm.
 
-    Learns: U learns π(x₀), π(x₁), … and f of them; M and H learn nothing.
+    Learns: U learns π(x₀), π(x₁), … and f of them; M and H learn nothing (every message M
+    receives is masked as in :func:`permute_reveal` and :func:`reshare_unpermute`).
     """
     shp = tuple(shape) if shape is not None else tuple(xs[0].shape)  # type: ignore[union-attr]
+    rg = p.ring
+    if rg and (encs_in is None or enc_out is None):
+        raise ValueError(f"{name!r}: the ring needs the encodings of the inputs and the output")
     # A light-mode U draws a′ now, while M computes what it reveals, not between M's message and its answer.
     light_u = p.is_user and p.phase == "online" and p.config.offline == "he"
     a = _a_mask(p, name, shp, mag_out, again=True) if light_u else None
-    clear = await permute_reveal(p, name, xs, mags=mags_in, mode=mode, valid=valid, shape=shp)
-    y = f(*clear) if clear is not None else None
-    return await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share,
-                                   a_ahead=a)
+    clear = await permute_reveal(p, name, xs, mags=mags_in, mode=mode, valid=valid, shape=shp, encs=encs_in)
+    y = x0 = None
+    if clear is not None:
+        if rg:
+            clear = [ring.decode(c, e.scale, e.opened, f"{name!r} input", e.range) for c, e in zip(clear, encs_in)]
+        y = f(*clear)
+        if rg:
+            y = ring.encode(y, enc_out.scale, RING_BITS, f"{name!r} output")  # type: ignore[union-attr]
+            x0 = None if residual is None else ring.encode(clear[0], residual.scale, RING_BITS, f"{name!r} residual")
+    res = None
+    if residual is not None:
+        res = await reshare_unpermute(p, name + "#res", x0, mag=mags_in[0], mode=mode, valid=valid, shape=shp,
+                                      perm_name=name)
+    out = await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share,
+                                  a_ahead=a)
+    return out if residual is None else (out, res)
 
 
 def _a_mask(p: Party, name: str, shape: tuple[int, ...], mag: float, again: bool = False) -> np.ndarray:

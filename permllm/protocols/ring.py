@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "pack", "unpack", "wire_bytes"]
+__all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "pack", "unpack", "wire_bytes", "trunc",
+           "shift_up", "mul_public", "Enc"]
 
 _U64, _U32 = np.dtype(np.uint64), np.dtype(np.uint32)
 
@@ -65,9 +66,8 @@ def decode(v: np.ndarray, scale: int, bits: int, what: str, range_bits: int | No
     or beyond it means the computation left its encoding range, and raises RingOverflow.
     """
     _check_bits(bits)
-    s = np.asarray(v).astype(_U64).view(np.int64)
-    if bits < 64:
-        s = np.where(s >= (1 << (bits - 1)), s - (1 << bits), s)
+    sh = np.uint64(64 - bits)
+    s = (np.asarray(v).astype(_U64) << sh).view(np.int64) >> sh.astype(np.int64)  # sign-extend from bit bits−1
     out = s.astype(np.float64) * 2.0**-scale
     if range_bits is not None and out.size and not np.all(np.abs(out) < 2.0**range_bits):
         raise RingOverflow(f"{what}: a value of magnitude {float(np.max(np.abs(out))):.6g} left its encoding range "
@@ -75,13 +75,63 @@ def decode(v: np.ndarray, scale: int, bits: int, what: str, range_bits: int | No
     return out
 
 
-def matmul(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
-    """a @ b mod 2^bits for operands of the ring's word (torch's integer matmul wraps mod 2^32 / 2^64)."""
+def matmul(a: np.ndarray, b: np.ndarray, bits: int, transpose_b: bool = False) -> np.ndarray:
+    """a @ b (a @ bᵀ over the last two axes with ``transpose_b``) mod 2^bits for operands of the ring's word;
+    leading axes broadcast (torch's integer matmul wraps mod 2^32 / 2^64)."""
     w = word(bits)
     signed = np.int32 if w == _U32 else np.int64
-    ta = torch.from_numpy(np.ascontiguousarray(a, dtype=w).view(signed))
-    tb = torch.from_numpy(np.ascontiguousarray(b, dtype=w).view(signed))
+    ta, tb = (torch.from_numpy(_writable(np.ascontiguousarray(x, dtype=w)).view(signed)) for x in (a, b))
+    if transpose_b:
+        tb = tb.transpose(-1, -2)
     return mod(torch.matmul(ta, tb).numpy().view(w), bits)
+
+
+def _writable(x: np.ndarray) -> np.ndarray:
+    """``x``, copied if read-only (a received message's zero-copy view): torch wants writable memory."""
+    return x if x.flags.writeable else x.copy()
+
+
+def trunc(x: np.ndarray, f: int) -> np.ndarray:
+    """One party's share of a local truncation by 2^f: ⌊x_share / 2^f⌋ (docs/ring.md, *Local truncation*).
+
+    If x = x_M + x_U mod 2^64, the two truncated shares add up to ⌊x/2^f⌋ or ⌊x/2^f⌋ − 1
+    **mod 2^(64−f)**, always: the value then lives on the smaller ring. No message is sent, so it
+    hides perfectly; a share derivable by the helper stays derivable.
+    """
+    return x >> np.uint64(f) if f else x
+
+
+def shift_up(x: np.ndarray, d: int) -> np.ndarray:
+    """x·2^d mod 2^64: a share moved to a scale d bits finer (exact while the value fits)."""
+    return x << np.uint64(d) if d else x
+
+
+def mul_public(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """x·c mod 2^64 for a share ``x`` and a public integer array ``c`` (int64, broadcast)."""
+    return x * np.asarray(c, dtype=np.int64).view(_U64)
+
+
+class Enc:
+    """The public fixed-point encoding of a shared value: ``scale`` fractional bits on Z_2^``bits``, with
+    |value| < 2^``range`` (its published bound). ``wire`` is the width a masked opening of it travels in: its
+    bits (sign, one bit to detect an overflow) in whole bytes, so that every byte of the message is uniform;
+    ``opened`` the ring U decodes it on."""
+
+    __slots__ = ("scale", "bits", "range")
+
+    def __init__(self, scale: int, bits: int, range: int) -> None:
+        self.scale, self.bits, self.range = int(scale), int(bits), int(range)
+
+    @property
+    def wire(self) -> int:
+        return min(64, -(-(self.scale + self.range + 2) // 8) * 8)
+
+    @property
+    def opened(self) -> int:
+        return min(self.wire, self.bits)
+
+    def __repr__(self) -> str:
+        return f"Enc(scale={self.scale}, bits={self.bits}, range={self.range})"
 
 
 def wire_bytes(bits: int) -> int:

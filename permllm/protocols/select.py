@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import ring
 from .party import Party, ProtocolError, Role, check_array
 from .permute import _perm, permute_reveal
 from .sampling import Sampler, choose
@@ -109,13 +110,14 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
 
 
 async def select_token(p: Party, name: str, logits: np.ndarray | None, *, sampler: Sampler,
-                       rng: np.random.Generator | None, mag: float, vocab: int) -> int | None:
+                       rng: np.random.Generator | None, mag: float, vocab: int,
+                       enc: "ring.Enc | None" = None) -> int | None:
     """Choose the next token from shared logits of shape (vocab,); 3 online hops.
 
     Offline, U and H pass U's share and M passes None (the permute-and-reveal
     correlation: H sends δ to M; and the retrieval table: H sends τ to U). Online,
     M and U pass their shares; U passes its sampling ``rng`` (None is fine for
-    greedy). ``mag`` bounds |logits|. Returns the true token id at U, None at M (and
+    greedy). ``mag`` bounds |logits|; on the ring ``enc`` is their encoding. Returns the true token id at U, None at M (and
     offline).
 
     Hops: π(x) M → U, U's shifted index U → M, the pad entry M → U. π is fresh per
@@ -131,7 +133,8 @@ async def select_token(p: Party, name: str, logits: np.ndarray | None, *, sample
         raise ValueError(f"select_token {name!r}: the {p.role.value} party must pass its logits share")
     if logits is not None and np.shape(logits) != (vocab,):
         raise ValueError(f"select_token {name!r}: logits must have shape ({vocab},), got {np.shape(logits)}")
-    clear = await permute_reveal(p, name, [logits], mags=[mag], mode="flat", shape=(vocab,))
+    clear = await permute_reveal(p, name, [logits], mags=[mag], mode="flat", shape=(vocab,),
+                                 encs=None if enc is None else [enc])
     if p.phase == "offline":
         table = _perm(p, name, (vocab,), "flat", None).idx if p.is_helper else None
         return await retrieve(p, name + "/id", None, table, length=vocab)
@@ -139,7 +142,8 @@ async def select_token(p: Party, name: str, logits: np.ndarray | None, *, sample
         return None
     if p.is_user:
         assert clear is not None
-        j = choose(clear[0], sampler, rng)
+        x = clear[0] if enc is None else ring.decode(clear[0], enc.scale, enc.opened, f"{name!r} logits", enc.range)
+        j = choose(x, sampler, rng)
         return await retrieve(p, name + "/id", j, None, length=vocab)
     p.take(name + "/pi")
     return await retrieve(p, name + "/id", None, None, length=vocab)

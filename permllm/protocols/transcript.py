@@ -107,6 +107,8 @@ def audit(root: str | Path, bins: int = 16) -> dict[str, dict[str, Any]]:
 
 def _bin(a: np.ndarray, m: int, bins: int) -> np.ndarray:
     """⌊bins·x/m⌋ in exact integer arithmetic (x < m ≤ 2^64)."""
+    if m == 2**64 and bins & (bins - 1) == 0:  # ring words: the top bits
+        return (a.astype(np.uint64) >> np.uint64(64 - bins.bit_length() + 1)).astype(np.int64)
     return np.array([bins * int(x) // m for x in a], dtype=np.int64) if m > 2**53 else \
         (a.astype(np.int64) * bins // m).astype(np.int64)
 

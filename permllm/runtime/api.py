@@ -76,6 +76,8 @@ class Session:
         self._meters = meters
         self._closers = closers
         self._setup_s = setup_s
+        self.aborting = False  # set by close(abort=True): the closers stop the peers instead of awaiting them
+        self.broken = False  # a generation failed: the session can only be closed (and aborts)
         self.last = GenerationResult()
 
     @property
@@ -120,6 +122,7 @@ class Session:
             self._fill(res, before, off0, offline_first)
             raise
         except Exception as e:
+            self.broken = True  # the peers may be mid-step: closing must stop them, not wait for them
             w = self._watch
             if w is not None and w.done() and not w.cancelled() and w.exception() is not None:
                 raise w.exception() from e  # type: ignore[misc]
@@ -165,7 +168,9 @@ class Session:
         if self.tokenizer is not None and self.last.text != shown and self.last.text.startswith(shown):
             yield self.last.text[len(shown):]  # the end of the text: a character left incomplete, say
 
-    async def close(self) -> None:
+    async def close(self, abort: bool = False) -> None:
+        """End the session; ``abort``: after a failure, without waiting for the peers to finish."""
+        self.aborting = abort or self.broken
         await self._user.close()
         for c in self._closers:
             r = c()
@@ -175,8 +180,12 @@ class Session:
     async def __aenter__(self) -> "Session":
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def __aexit__(self, et: type[BaseException] | None, *exc: object) -> None:
+        if et is None:
+            await self.close()
+            return
+        with contextlib.suppress(Exception):  # the failure that ended the block is what the caller must see
+            await self.close(abort=True)
 
 
 def encode_prompt(tokenizer: Any | None, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
@@ -231,7 +240,11 @@ async def local(model: str | LoadedModel = DEFAULT_MODEL, *, transport: str = "m
 
     async def close() -> None:
         try:
-            await asyncio.wait_for(served, 30)
+            if session.aborting:  # after a failure: stop the model and helper programs, do not await their result
+                served.cancel()
+                await asyncio.wait({served})
+            else:
+                await asyncio.wait_for(served, 30)
         finally:
             await trio.close()
             _close_transcripts(trio.parties)

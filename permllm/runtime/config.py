@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from ..net.tls import client_context, server_context
 from ..protocols import DEFAULT_RATIO, ShareConfig
-from ..protocols.config import DTYPES, OFFLINE_MODES, ROUTES, check_dtype
+from ..protocols.config import ARITHS, DTYPES, OFFLINE_MODES, ROUTES, check_dtype
 
 __all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help",
            "dtype_arg"]
@@ -87,6 +87,10 @@ KEYS: tuple[Key, ...] = (
     Key("offline", str, "dealer", "--offline", ALL, f"offline phase of the linear layers, one of "
         f"{', '.join(OFFLINE_MODES)}: 'he' is the light client (CKKS products with the model party, no "
         "model-sized state at the user); all three parties must agree", metavar="MODE"),
+    Key("arith", str, "auto", "--arith", ALL, f"share arithmetic, one of {', '.join(ARITHS)}: 'ring' is exact "
+        "fixed point on Z_2^64 (perfect hiding; the dealt mode on route 12), 'float' real numbers (statistical "
+        "hiding); 'auto' takes the ring where the model fits it at float-like precision; all three parties must "
+        "agree", metavar="ARITH"),
     Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),
         "accept only the model with this fingerprint (the model daemon logs its own at start-up)", metavar="HEX"),
     Key("insecure", bool, False, "--insecure", ALL,
@@ -139,7 +143,8 @@ class PartyConfig:
 
     def share_config(self) -> ShareConfig:
         """The share configuration: dtype, mask ratio, attention route and offline mode."""
-        return ShareConfig(self["dtype"], self["ratio"] or DEFAULT_RATIO, self["route"], self["offline"])
+        return ShareConfig(self["dtype"], self["ratio"] or DEFAULT_RATIO, self["route"], self["offline"],
+                           self["arith"])
 
     def _tls_files(self) -> tuple[str, str, str] | None:
         if self["insecure"]:
@@ -176,6 +181,8 @@ def _check(key: Key, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: dtype: {e}") from None
     if key.name == "route" and value not in ROUTES:
         raise ConfigError(f"{where}: route must be one of {', '.join(ROUTES)}, got {value!r}")
+    if key.name == "arith" and value not in ARITHS:
+        raise ConfigError(f"{where}: arith must be one of {', '.join(ARITHS)}, got {value!r}")
     if key.name == "offline" and value not in OFFLINE_MODES:
         raise ConfigError(f"{where}: offline must be one of {', '.join(OFFLINE_MODES)}, got {value!r}")
     if key.name == "log_level" and str(value).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -260,7 +267,8 @@ def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str], serve: boo
         else:
             parser.add_argument(k.flag, dest=dest, type=dtype_arg if k.name == "dtype" else k.type, default=None,
                                 metavar=k.metavar or k.type.__name__.upper(),
-                                choices={"route": list(ROUTES), "offline": list(OFFLINE_MODES)}.get(k.name),
+                                choices={"route": list(ROUTES), "offline": list(OFFLINE_MODES),
+                                         "arith": list(ARITHS)}.get(k.name),
                                 help=k.help)
 
 

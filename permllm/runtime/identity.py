@@ -51,7 +51,7 @@ def weights_fingerprint(weights: ModelWeights, config: ShareConfig, mags: Mappin
     """The model party's fingerprint, from its weights (each weight's scale as the setup computes it)."""
     meta = {}
     for name, _ in weight_names(weights.arch, config.route, config.offline):
-        w = np.asarray(weights[name], dtype=config.np_dtype)
+        w = np.asarray(weights[name], dtype=np.float64)
         meta[name] = (w.shape, public_scale(w))
     if config.offline != "he":
         meta[RING_TABLE] = ring_table_meta(weights)

@@ -16,7 +16,8 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from ..net import Channel, LinkEmulator, Meter, memory_pair, open_channel, tcp_connect, tcp_serve
-from ..protocols import Party, Role, ShareConfig
+from ..protocols import Party, Role, ShareConfig, ring
+from ..protocols.config import RING_BITS
 from ..protocols.linear import dealt_batch
 
 __all__ = ["Trio", "local_trio", "run_setup", "run_offline", "run_offline_batch", "run_online", "gather_fail_fast", "DealtInput"]
@@ -166,14 +167,19 @@ class DealtInput:
 
     __slots__ = ("xm", "xu")
 
-    def __init__(self, trio: Trio, name: str, x: np.ndarray, mag: float) -> None:
+    def __init__(self, trio: Trio, name: str, x: np.ndarray, mag: float, scale: int | None = None) -> None:
         u = trio.user
         saved, u.token = u.token, 0
         try:
             self.xu = u.mask("uh", "input:" + name, "x", np.shape(x), u.ratio * mag)
         finally:
             u.token = saved
-        self.xm = np.asarray(x, dtype=u.dtype) - self.xu
+        if u.ring:  # x encoded at ``scale`` fractional bits on Z_2^64
+            if scale is None:
+                raise ValueError("a ring input needs its scale")
+            self.xm = ring.encode(x, scale, RING_BITS, "input " + name) - self.xu
+        else:
+            self.xm = np.asarray(x, dtype=u.dtype) - self.xu
 
     def of(self, p: Party) -> np.ndarray | None:
         """This party's share for the current phase (M has none offline)."""

@@ -36,7 +36,9 @@ import numpy as np
 
 from ..model import (Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, setup_embedding, weight_names,
                      weight_shape)
+from ..model.forward import Fx, RingPlan, resolve_arith
 from ..protocols import Party, ProtocolError, Role, setup_weight
+from ..protocols import ring
 from ..protocols.linear import dealt_batch
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
@@ -92,6 +94,7 @@ class _Party:
         self.arch: Arch | None = None
         self.mags: dict[str, float] = {}
         self.weights: ModelWeights | None = None
+        self.plan: RingPlan | None = None  # the ring's public precision (config.ring)
         self.next_token = 0
         self.gens = 0
         self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
@@ -110,17 +113,21 @@ class _Party:
 
     def ops(self, phase: str, token: int, gen: int) -> tuple[Party, PrivateOps]:
         pv = self.p.view(phase, token)
-        return pv, PrivateOps(pv, self.arch, self.mags, self.weights, f"g{gen}.")  # type: ignore[arg-type]
+        return pv, PrivateOps(pv, self.arch, self.mags, self.weights, f"g{gen}.", plan=self.plan)  # type: ignore[arg-type]
 
     async def step(self, phase: str, g: _Gen, step: int, ids: list[int] | None,
                    rng: np.random.Generator | None, sampler: Sampler) -> int | None:
         """One forward step and token selection in ``phase``; the token id at U online."""
         pv, ops = self.ops(phase, g.base + step, g.index)
         logits = await Forward(self.arch).step(ops, ids, StepShape(self.arch, g.prompt_len, step))  # type: ignore[arg-type]
+        enc = None
+        if isinstance(logits, Fx):
+            enc = ring.Enc(logits.scale, logits.bits, ops._range("logits"))
+            logits = logits.v
         row = None if logits is None else logits.reshape(-1)
         async with pv.traced("select"):
             return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
-                                      vocab=self.arch.vocab)  # type: ignore[union-attr]
+                                      vocab=self.arch.vocab, enc=enc)  # type: ignore[union-attr]
 
     async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         if self.p.config.offline == "he" and not self.p.is_helper:
@@ -186,7 +193,8 @@ class _Party:
         names = weight_names(self.arch, self.p.config.route, self.p.config.offline)  # type: ignore[arg-type]
         for i, (name, _) in enumerate(names):
             if self.p.is_model:
-                await setup_weight(self.p, name, self.weights[name])  # type: ignore[index]
+                await setup_weight(self.p, name, self.weights[name],  # type: ignore[index]
+                                   sig_bits=None if self.plan is None else self.plan.wb)
             else:
                 await setup_weight(self.p, name, shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
             if progress:
@@ -253,6 +261,11 @@ class ModelSession(_Party):
         if not self.mags:
             self.mags = await calibrate(self.weights)
         info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": _config_terms(p)}
+        arith, self.plan = resolve_arith(p.config.arith, p.config.ring_possible, self.weights, self.mags)
+        p.ring = arith == "ring"
+        info["arith"] = arith
+        if self.plan is not None:
+            info["ring"] = self.plan.to_list()
         p.send(Role.USER, ("hello", "model"), info)
         p.send(Role.HELPER, ("hello", "model"), info)
         await self.setup_weights(progress)
@@ -302,7 +315,7 @@ class HelperSession(_Party):
     async def setup(self) -> None:
         await self.p.establish_seeds()
         info = await self.p.recv(Role.MODEL, ("hello", "model"))
-        self.arch, self.mags = _read_info(info, self.p)
+        self.arch, self.mags, self.plan = _read_info(info, self.p)
         await self.setup_weights(None)
 
     async def serve(self) -> None:
@@ -323,24 +336,36 @@ class HelperSession(_Party):
 
 
 def _config_terms(p: Party) -> list:
-    """What all three parties must agree on: share dtype, mask ratio, attention route and offline mode."""
-    return [p.config.dtype, p.config.ratio, p.config.route, p.config.offline]
+    """What all three parties must agree on: share dtype, mask ratio, attention route, offline mode, arithmetic."""
+    return [p.config.dtype, p.config.ratio, p.config.route, p.config.offline, p.config.arith]
 
 
-def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float | np.ndarray]]:
+def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float | np.ndarray], RingPlan | None]:
     if not (isinstance(info, dict) and isinstance(info.get("arch"), dict) and isinstance(info.get("mags"), dict)):
         raise ProtocolError("malformed model description from the model party")
     cfg = info.get("config")
     if cfg != _config_terms(p):
         raise ProtocolError(f"share configuration mismatch: model party uses {cfg}, "
-                            f"this party {_config_terms(p)} (dtype, ratio, attention route, offline mode)")
+                            f"this party {_config_terms(p)} (dtype, ratio, attention route, offline mode, arithmetic)")
     mags: dict[str, float | np.ndarray] = {}
     for k, v in info["mags"].items():
         a = np.asarray(v, dtype=np.float64)
         if a.ndim > 1 or not np.all(np.isfinite(a)) or np.any(a <= 0):
             raise ProtocolError(f"malformed mask magnitude {k!r} from the model party")
         mags[str(k)] = a if a.ndim else float(a)
-    return Arch.from_dict(info["arch"]), mags
+    arith = info.get("arith")
+    if arith not in ("ring", "float") or p.config.arith not in ("auto", arith) or (
+            arith == "ring" and not p.config.ring_possible):
+        raise ProtocolError(f"the model party chose {arith!r} arithmetic; this party is configured for "
+                            f"{p.config.arith!r}")
+    p.ring = arith == "ring"
+    plan = None
+    if p.ring:
+        try:
+            plan = RingPlan.from_list(info.get("ring"))
+        except ValueError as e:
+            raise ProtocolError(f"model party's description: {e}") from None
+    return Arch.from_dict(info["arch"]), mags, plan
 
 
 class UserSession(_Party):
@@ -351,7 +376,7 @@ class UserSession(_Party):
         self.progress = progress
         await p.establish_seeds()
         info = await p.recv(Role.MODEL, ("hello", "model"))
-        self.arch, self.mags = _read_info(info, p)
+        self.arch, self.mags, self.plan = _read_info(info, p)
         await self.setup_weights(progress)
         if p.config.offline == "he":
             await he_matmul.setup_ckks(p)

@@ -1,0 +1,190 @@
+"""Exact ring arithmetic (Z_2^64, docs/ring.md): each op against its plaintext twin, the messages' uniformity,
+private generation equal to transformers', the precision plan and the overflow errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import permllm
+from permllm.model import load_model
+from permllm.model.forward import RING_FRONTIER, resolve_arith
+from permllm.protocols import (ShareConfig, functions as F, linear, matmul_shared, reshare, rms_norm, setup_weight,
+                               softmax)
+from permllm.protocols import ring
+from permllm.protocols.ring import Enc, RingOverflow
+from permllm.runtime import DealtInput, local_trio, run_offline, run_online, run_setup
+
+from .conftest import online_counts, rel_err
+from .test_generation import _gpt2_dir, _llama_dir, hf_greedy
+
+rng = np.random.default_rng(11)
+RING = ShareConfig(arith="ring")
+
+
+@pytest.fixture(params=["memory", "tcp"])
+async def rtrio(request):
+    t = await local_trio(request.param, RING)
+    yield t
+    await t.close()
+
+
+def _dec(m: np.ndarray, u: np.ndarray, scale: int, bits: int = 64) -> np.ndarray:
+    return ring.decode(ring.mod(m + u, 64) if bits == 64 else (m + u) & np.uint64((1 << bits) - 1), scale, bits, "t")
+
+
+async def _both(trio, g):
+    await run_offline(trio, g, 0)
+    return await run_online(trio, g, 0)
+
+
+async def test_ring_linear_is_exact_and_sends_nothing_online(rtrio):
+    W = rng.normal(size=(24, 16)) * 0.3
+    b = rng.normal(size=24)
+    x = rng.normal(size=(5, 16))
+    frac = 16 - 0  # public_scale(W) = 1 or 2: weight_frac gives 16 − e
+    await run_setup(rtrio, lambda p: setup_weight(p, "W", W if p.is_model else None, sig_bits=16))
+    fw = rtrio.model.weights["W"].frac
+    assert fw == rtrio.user.weights["W"].frac == rtrio.helper.weights["W"].frac and fw <= frac
+    s = DealtInput(rtrio, "x", x, mag=4.0, scale=20)
+    assert rtrio.user.weights["W"].value.dtype == np.uint64  # D = W̃ − U_W mod 2^64
+
+    async def g(p):
+        bias = ring.encode(b, 20 + fw, 64, "b") if p.is_model else None
+        return await linear(p, "lin", s.of(p), "W", mag_in=4.0, mag_out=8.0, bias=bias)
+
+    m, u = await _both(rtrio, g)
+    Wq = np.rint(W * 2.0**fw) / 2.0**fw  # the only error: the encodings' rounding
+    xq = np.rint(x * 2.0**20) / 2.0**20
+    np.testing.assert_allclose(_dec(m, u, 20 + fw), xq @ Wq.T + np.rint(b * 2.0**(20 + fw)) / 2.0**(20 + fw),
+                               rtol=0, atol=2.0**-(20 + fw))
+    assert online_counts(rtrio) == (0, 0)
+
+
+async def test_ring_norm_reshares_the_residual_in_the_same_hop(rtrio):
+    x = rng.normal(size=(3, 32)) * 5
+    s = DealtInput(rtrio, "x", x, mag=32.0, scale=30)
+
+    async def g(p):
+        return await rms_norm(p, "n", s.of(p), mag_in=32.0, shape=x.shape, encs_in=[Enc(30, 64, 5)],
+                              enc_out=Enc(14, 64, 3), residual=Enc(20, 64, 5))
+
+    (hm, rm), (hu, ru) = await _both(rtrio, g)
+    assert rel_err(_dec(hm, hu, 14), F.rms_norm(x)) < 2.0**-12
+    np.testing.assert_allclose(_dec(rm, ru, 20), x, atol=2.0**-20)
+    assert online_counts(rtrio) == (3, 2)  # reveal M → U; the norm and the residual U → M, one hop
+
+
+async def test_ring_value_outside_its_range_fails_naming_the_op(rtrio):
+    x = rng.normal(size=(2, 8)) * 50  # |x| up to ~150, published bound 2^4
+    s = DealtInput(rtrio, "x", x, mag=16.0, scale=20)
+
+    async def g(p):
+        return await softmax(p, "L3.p", s.of(p), mag_in=16.0, shape=x.shape, encs_in=[Enc(20, 64, 4)],
+                             enc_out=Enc(14, 64, 1))
+
+    with pytest.raises(RingOverflow, match="L3.p"):
+        await _both(rtrio, g)
+
+
+async def test_ring_shared_matmul_with_local_truncation(rtrio):
+    """q·Kᵀ on shares truncated locally by f bits (no message): exact to one unit on Z_2^(64−f)."""
+    q = rng.normal(size=(1, 2, 3, 8))
+    k = rng.normal(size=(1, 1, 3, 8))
+    f, sc = 20, 36
+    sq, sk = DealtInput(rtrio, "q", q, mag=4.0, scale=sc), DealtInput(rtrio, "k", k, mag=4.0, scale=sc)
+
+    async def g(p):
+        a, b = sq.of(p), sk.of(p)
+        if p.is_model and p.phase == "offline":
+            return await matmul_shared(p, "s", None, None, "K", transpose_b=True, mag_a=4.0, mag_b=4.0, mag_out=64.0)
+        return await matmul_shared(p, "s", ring.trunc(a, f), ring.trunc(b, f), "K", transpose_b=True, mag_a=4.0,
+                                   mag_b=4.0, mag_out=64.0)
+
+    m, u = await _both(rtrio, g)
+    got = _dec(m, u, 2 * (sc - f), 64 - f)
+    np.testing.assert_allclose(got, q @ np.swapaxes(k, -1, -2), atol=8 * 2.0 ** -(sc - f) * 4 * 2)
+    assert online_counts(rtrio) == (2, 2)
+
+
+async def test_ring_messages_are_uniform_whatever_the_value(rtrio, tmp_path):
+    """Everything M receives in a reshare and a norm is a masked ring word: uniform (the transcript audit's χ²
+    and repeat tests) even for an all-zero secret."""
+    from permllm.protocols.transcript import Transcript, audit
+
+    x = np.zeros((64, 64))
+    s = DealtInput(rtrio, "x", x, mag=1.0, scale=20)
+    rtrio.model.transcript = Transcript(tmp_path, "model")
+
+    async def g(p):
+        y = await reshare(p, "r", s.of(p), mag=1.0)
+        return await rms_norm(p, "n", y, mag_in=1.0, shape=x.shape, encs_in=[Enc(20, 64, 1)], enc_out=Enc(14, 64, 3))
+
+    for t in range(3):
+        await run_offline(rtrio, g, t)
+        await run_online(rtrio, g, t)
+    rtrio.model.transcript.close()
+    rep = audit(tmp_path)["model"]
+    assert rep["counts"]["uniform"] >= 9 and rep["counts"]["statistical"] == 0
+    assert all(v["pass"] for v in rep["uniformity"].values()), rep["uniformity"]
+    assert all(v["pass"] for v in rep["repeats"].values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+async def test_private_generation_on_the_ring_equals_transformers(tmp_path, family):
+    d, hf = (_llama_dir if family == "llama" else _gpt2_dir)(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42, 99, 123, 250, 7, 3]
+    async with await permllm.local(lm) as s:  # "auto": these models fit the ring at the finest plan
+        assert s.trio.user.ring and s.trio.model.ring and s.trio.helper.ring
+        ids = [t async for t in s.generate_ids(prompt, 12)]
+    assert ids == hf_greedy(hf, prompt, 12)
+
+
+async def test_float_arithmetic_stays_selectable(tmp_path):
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42, 99]
+    async with await permllm.local(lm, config=ShareConfig(arith="float")) as s:
+        assert not s.trio.user.ring
+        ids = [t async for t in s.generate_ids(prompt, 6)]
+    assert ids == hf_greedy(hf, prompt, 6)
+
+
+async def test_published_bounds_too_small_fail_instead_of_a_wrong_token(tmp_path, monkeypatch):
+    """A value beyond its op's published bound is detected where U decodes it, with the op's name."""
+    import permllm.runtime.session as session
+
+    d, _ = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    real = session.calibrate
+
+    async def small(weights, *a, **kw):
+        mags = await real(weights, *a, **kw)
+        return {k: (v / 64 if k.endswith(".s") else v) for k, v in mags.items()}
+
+    monkeypatch.setattr(session, "calibrate", small)
+    async with await permllm.local(lm, config=RING) as s:
+        with pytest.raises(RingOverflow, match=r"L\d\.p"):
+            [t async for t in s.generate_ids([5, 17, 42, 99, 123, 250, 7, 3], 4)]
+
+
+def test_ring_is_refused_where_it_is_not_built():
+    with pytest.raises(ValueError, match="ring arithmetic"):
+        ShareConfig(arith="ring", route="8")
+    with pytest.raises(ValueError, match="ring arithmetic"):
+        ShareConfig(arith="ring", offline="he")
+    with pytest.raises(ValueError, match="share arithmetic"):
+        ShareConfig(arith="fixed")
+
+
+async def test_smollm2_needs_more_than_64_bits_for_float_like_precision():
+    """SmolLM2's massive activations (|x| ~ 2^15 in the residual stream) leave Z_2^64 only a coarse plan:
+    "auto" keeps real numbers for it, "ring" takes the plan that fits (docs/ring.md)."""
+    from permllm.model import calibrate
+
+    w = load_model("smollm2").weights
+    mags = await calibrate(w)
+    assert resolve_arith("auto", True, w, mags) == ("float", None)
+    arith, plan = resolve_arith("ring", True, w, mags)
+    assert arith == "ring" and RING_FRONTIER.index(plan) > 2
+    assert resolve_arith("auto", False, w, mags) == ("float", None)
