@@ -6,8 +6,11 @@ max abs error of the logits at every step (M's and U's shares of the logits are
 summed here, in this one process, purely for measurement), tokens/s of the online
 phase, and plaintext tokens/s measured in the same run. Usage:
 
-    .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 float64:16384 ...]
+    .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 ring ...]
         [--routes 12 8]
+
+A setting is ``float64:R`` (real-number shares, mask ratio R) or ``ring`` (exact Z_2^64 shares at the
+finest precision plan the model fits: ``ShareConfig(arith="ring")``).
 
 ``--routes`` runs every setting with each attention route (ShareConfig.route: "12" — separate
 norm, q·Kᵀ, softmax and P·V ops — or "8", the fused decode op of protocols/attention.py);
@@ -26,7 +29,7 @@ import torch
 import permllm
 from permllm.model import load_model
 from permllm.model.loaders import smollm2_dir
-from permllm.protocols import ShareConfig
+from permllm.protocols import ShareConfig, ring
 from permllm.runtime import session as S
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -55,6 +58,7 @@ async def private_run(lm, prompt: list[int], n: int, config: ShareConfig, link=N
     async def spy(p, name, logits, **kw):  # measurement only: sum the two shares of the logits
         if p.phase == "online" and logits is not None:
             captured.setdefault(p.token, {})[p.role.value] = np.array(logits)
+            captured[p.token]["enc"] = kw.get("enc")
             hops[p.token] = max(hops.get(p.token, 0), p.meter.hops("online"))
         return await orig(p, name, logits, **kw)
 
@@ -68,7 +72,7 @@ async def private_run(lm, prompt: list[int], n: int, config: ShareConfig, link=N
             res = s.last
     finally:
         S.select_token = orig
-    logits = [captured[k]["model"] + captured[k]["user"] for k in sorted(captured)]
+    logits = [_logits(captured[k]) for k in sorted(captured)]
     h = [hops[k] for k in sorted(hops)]
     decode_hops = [b - a for a, b in zip(h, h[1:])]  # hop clock at each selection: one token apart
     return {"ids": ids, "logits": logits, "online_s": res.online_s, "offline_s": res.offline_s,
@@ -76,6 +80,14 @@ async def private_run(lm, prompt: list[int], n: int, config: ShareConfig, link=N
             "setup_bytes": res.setup_bytes, "hops": res.online_hops,
             "decode_s": stamps[-1] - stamps[1] if len(stamps) > 2 else 0.0,
             "decode_hops_per_token": max(decode_hops) if decode_hops else 0}
+
+
+def _logits(c: dict) -> np.ndarray:
+    """The logits from their two shares (real numbers, or ring words decoded at their encoding)."""
+    e = c.get("enc")
+    if e is None:
+        return c["model"] + c["user"]
+    return ring.decode(c["model"] + c["user"], e.scale, e.bits, "logits")
 
 
 def main() -> None:
@@ -96,8 +108,9 @@ def main() -> None:
     want, want_logits, plain_s = hf_run(hf, prompt, a.tokens)
     rows = []
     for spec, route in [(sp, rt) for sp in a.settings for rt in a.routes]:
-        dtype, ratio = spec.split(":")
-        cfg = ShareConfig(dtype, float(ratio), route=route)
+        dtype, ratio = spec.split(":") if spec != "ring" else ("ring", "0")
+        cfg = ShareConfig(arith="ring", route=route) if spec == "ring" else ShareConfig(dtype, float(ratio),
+                                                                                         route=route)
         link = None
         if a.rtt or a.bandwidth:
             from permllm.net import LinkEmulator

@@ -483,7 +483,8 @@ async def test_live_invalid_op_messages_end_only_their_session(live, monkeypatch
     assert results[0] == hf_greedy(hf, prompt, 12)
     for name, r in zip(corruptions, results[1:]):
         if name == "nan":  # well-formed: no party can tell; the user only hurts its own output
-            assert r.startswith("completed") or r.startswith("ValueError: logits contain NaN"), r
+            # (on real numbers NaN logits or some tokens; on the ring the words NaN casts to leave their range)
+            assert r.startswith(("completed", "ValueError: logits contain NaN", "RingOverflow: ")), r
             continue
         assert re.search(r"PeerAborted: peer 'model' ended the session: the model party ended session [0-9a-f]{32}: "
                          r"ProtocolError: message \('\w+', '[^']+', \d+, '\w+'\) from user: expected", r), (name, r)

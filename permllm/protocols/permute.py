@@ -240,13 +240,14 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     mag_b = mag if mag_share is None else mag_share
     perm_name = perm_name or name
     if p.phase == "offline":
-        if p.is_model:
-            gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"))
-            p.keep(name + "/unperm", gamma)
-            return None
         if shape is None:
             raise ProtocolError(f"reshare_unpermute {name!r}: offline needs the output shape")
         keep = _prefix(tuple(shape), mode, valid)
+        if p.is_model:  # γ travels without the entries past each prefix (0 there: a′ and b′ are)
+            gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"),
+                                       tuple(shape) if keep is None else (int(keep.sum()),))
+            p.keep(name + "/unperm", _unpack(gamma, keep, f"reshare_unpermute {name!r}: the helper's correlation"))
+            return None
         b = _zero_tail(_b_mask(p, name, shape, mag_b), keep)
         if p.is_user:
             if p.config.offline == "he":  # the light client draws a′ and b′ again online
@@ -257,7 +258,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         else:
             a = _zero_tail(_a_mask(p, name, shape, mag), keep)
             pi = _perm(p, perm_name, tuple(shape), mode, valid)
-            p.send(Role.MODEL, p.tag("unperm", name, "gamma"), pi.invert(a) - b)
+            p.send(Role.MODEL, p.tag("unperm", name, "gamma"), _pack(pi.invert(a) - b, keep))
         return b
     if p.is_user:
         light = p.config.offline == "he"
