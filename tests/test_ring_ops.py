@@ -177,14 +177,64 @@ def test_ring_is_refused_where_it_is_not_built():
         ShareConfig(arith="fixed")
 
 
-async def test_smollm2_needs_more_than_64_bits_for_float_like_precision():
-    """SmolLM2's massive activations (|x| ~ 2^15 in the residual stream) leave Z_2^64 only a coarse plan:
-    "auto" keeps real numbers for it, "ring" takes the plan that fits (docs/ring.md)."""
+async def test_smollm2_takes_the_wide_ring_for_its_attention_block():
+    """SmolLM2's massive activations (|x| ~ 2^15 in the residual stream) leave Z_2^64 only a coarse plan, so
+    "auto" and "ring" take a wide plan (the attention block on Z_N, N ≈ 2^104) at the finest precision."""
     from permllm.model import calibrate
+    from permllm.model.forward import WIDE_FRONTIER
 
     w = load_model("smollm2").weights
     mags = await calibrate(w)
-    assert resolve_arith("auto", True, w, mags) == ("float", None)
-    arith, plan = resolve_arith("ring", True, w, mags)
-    assert arith == "ring" and RING_FRONTIER.index(plan) > 2
+    arith, plan = resolve_arith("auto", True, w, mags)
+    assert arith == "ring" and plan == WIDE_FRONTIER[0]
+    assert resolve_arith("ring", True, w, mags) == (arith, plan)
     assert resolve_arith("auto", False, w, mags) == ("float", None)
+
+
+def test_crt_residues_are_exact():
+    from permllm.protocols import crt
+
+    x = np.array([-3.5, 1e4, -2.0**40, 12345.678, 0.0, -1e-6, 2.0**15 + 0.3, -(2.0**15) - 0.7])
+    for scale in (20, 50, 62):
+        lo, rs = crt.encode(x, scale, "x")
+        want = np.rint(x * 2.0**scale) / 2.0**scale
+        np.testing.assert_allclose(crt.decode(lo, rs, scale, "x", 60), want, rtol=2.0**-52, atol=2.0**-scale)
+    with pytest.raises(RingOverflow, match="x"):
+        crt.encode(np.array([2.0**30]), 80, "x")
+    a = rng.integers(0, crt.PRIMES[0], size=(3, 5000)).astype(float)
+    b = rng.integers(0, crt.PRIMES[0], size=(5000, 4)).astype(float)
+    exact = (a.astype(np.int64).astype(object) @ b.astype(np.int64).astype(object)) % crt.PRIMES[0]
+    assert np.array_equal(crt.matmul(a, b, crt.PRIMES[0]).astype(np.int64), exact.astype(np.int64))
+    big = rng.integers(-2**52, 2**52, size=10000).astype(float)
+    assert np.array_equal(crt.reduce(big, crt.PRIMES[1]),
+                          np.array([int(v) % crt.PRIMES[1] for v in big.astype(np.int64)], dtype=float))
+    w = rng.integers(-2**18, 2**18, size=(40, 24)).astype(float)
+    xw = rng.integers(0, 2**63, size=(5, 24), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    assert np.array_equal(ring.matmul_small(xw, w, True), ring.matmul(xw, w.astype(np.int64).view(np.uint64), 64, True))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+async def test_wide_ring_generation_equals_transformers_and_its_messages_are_uniform(tmp_path, family, monkeypatch):
+    """The attention block on Z_N (forced here; SmolLM2 needs it): ids equal transformers', and every array the
+    model party receives in the residues is uniform mod its prime (the transcript audit)."""
+    import permllm.model.forward as fwd
+    from permllm.protocols import crt
+    from permllm.protocols.transcript import audit
+
+    monkeypatch.setattr(fwd, "PLAN_ORDER", list(fwd.WIDE_FRONTIER))
+    d, hf = (_llama_dir if family == "llama" else _gpt2_dir)(tmp_path)
+    lm = load_model(str(d))
+    prompt = [5, 17, 42, 99, 123, 250, 7, 3]
+    out = tmp_path / "transcript"
+    async with await permllm.local(lm, config=RING, transcript=out) as s:
+        assert s.trio.model.ring and any(k.endswith("#q1") for k in s.trio.user.weights)
+        ids = [t async for t in s.generate_ids(prompt, 10)]
+    assert ids == hf_greedy(hf, prompt, 10)
+    rep = audit(out)["model"]
+    mods = {m for m in rep["uniformity"]}
+    assert rep["counts"]["statistical"] == 0 and mods
+    assert all(t["pass"] for t in rep["uniformity"].values() if t["pass"] is not None), rep["uniformity"]
+    assert all(t["pass"] for t in rep["repeats"].values())
+    import json
+    index = json.loads((out / "model" / "index.json").read_text())
+    assert {e["modulus"] for e in index if e["kind"] == "uniform"} >= {2**64, *crt.PRIMES}

@@ -13,6 +13,7 @@ reference and all three parties.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ import numpy as np
 
 from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
 from ..protocols import functions as F
-from ..protocols import ring
+from ..protocols import crt, ring
 from ..protocols.config import RING_BITS
+from ..protocols.permute import apply_permuted_wide
 from ..protocols.linear import public_scale, weight_frac
 from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnMags, AttnSpec, attention_decode
@@ -33,7 +35,8 @@ from .layout import merge_heads, positions, rope, rope_bits, split_heads, valid_
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
-           "resolve_arith", "RING_FLOOR", "RING_FRONTIER"]
+           "resolve_arith", "RING_FLOOR", "RING_FRONTIER",
+           "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
 
@@ -305,7 +308,9 @@ class RingPlan:
     """The public fixed-point precision of a ring session (docs/ring.md): fractional bits of U's
     encodings — ``a`` norm outputs, ``p`` probabilities, ``s`` activation outputs, ``emb`` the lookup's
     output, ``res`` the residual stream re-encoded at each norm — ``wb`` significant bits per weight,
-    ``c`` of the RoPE rotation, and ``pq`` the scale q and k are truncated to before q·Kᵀ."""
+    ``c`` of the RoPE rotation, and ``pq`` the scale q and k are truncated to before q·Kᵀ. With ``wide``
+    the attention block (norm1's output and residual through q·Kᵀ, softmax, P·V and the o projection to
+    norm2's input) runs on the wide ring Z_N, N ≈ 2^104 (:mod:`permllm.protocols.crt`), without truncation."""
 
     a: int
     wb: int
@@ -315,15 +320,17 @@ class RingPlan:
     s: int
     emb: int = 24
     res: int = 24
+    wide: bool = False
 
     def to_list(self) -> list[int]:
-        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res]
+        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res, int(self.wide)]
 
     @classmethod
     def from_list(cls, v: object) -> "RingPlan":
-        if not (isinstance(v, list) and len(v) == 8 and all(type(b) is int and 0 <= b <= 40 for b in v)):
+        if not (isinstance(v, list) and len(v) == 9 and all(type(b) is int and 0 <= b <= 40 for b in v)
+                and v[8] in (0, 1)):
             raise ValueError(f"bad ring precision plan {v!r}")
-        return cls(*v)
+        return cls(*v[:8], wide=bool(v[8]))
 
 
 # Candidate precisions, finest first (a, wb, c, pq, p, s): the session takes the first whose every value fits
@@ -334,13 +341,19 @@ RING_FRONTIER = [RingPlan(14, 18, 14, 14, 14, 18), RingPlan(13, 17, 13, 13, 13, 
 
 
 RING_FLOOR = RING_FRONTIER[2]  # "auto" takes the ring only at this precision or finer: float-like tokens
+# Where Z_2^64 cannot hold the attention block at RING_FLOOR (SmolLM2's massive activations), these run it on Z_N.
+WIDE_FRONTIER = [RingPlan(14, 18, 14, 14, 14, 18, wide=True), RingPlan(13, 17, 13, 13, 13, 17, wide=True),
+                 RingPlan(12, 16, 12, 12, 12, 16, wide=True)]
+_FLOOR_AT = RING_FRONTIER.index(RING_FLOOR)
+PLAN_ORDER = RING_FRONTIER[:_FLOOR_AT + 1] + WIDE_FRONTIER + RING_FRONTIER[_FLOOR_AT + 1:]
 
 
 def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any]) -> tuple[str, RingPlan | None]:
     """The model party's choice of arithmetic for a session: ("ring", plan) or ("float", None).
 
-    "ring" takes the finest plan that fits (RingOverflow if none does); "auto" takes the ring where it is
-    built (``possible``) and its plan is at least :data:`RING_FLOOR`, else real numbers; "float" is float.
+    "ring" takes the first plan of :data:`PLAN_ORDER` that fits (RingOverflow if none does); "auto" takes the
+    ring where it is built (``possible``) and its plan is at least :data:`RING_FLOOR` on Z_2^64 or a wide plan,
+    else real numbers; "float" is float.
     """
     if arith == "float" or (arith == "auto" and not possible):
         return "float", None
@@ -350,22 +363,34 @@ def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[
         if arith == "ring":
             raise
         return "float", None
-    if arith == "auto" and RING_FRONTIER.index(plan) > RING_FRONTIER.index(RING_FLOOR):
+    if arith == "auto" and PLAN_ORDER.index(plan) > PLAN_ORDER.index(WIDE_FRONTIER[-1]):
         return "float", None
     return "ring", plan
 
 
 class Fx:
     """A ring share (``v``: uint64 words, or None where the party holds none) with its public encoding:
-    ``scale`` fractional bits on Z_2^``bits`` (64, or less after a local truncation)."""
+    ``scale`` fractional bits on Z_2^``bits`` (64, or less after a local truncation). A wide value (on Z_N,
+    ``bits`` = crt.WIDE_BITS) also has ``rs``: its residues mod each of crt.PRIMES (None where the party holds
+    none)."""
 
-    __slots__ = ("v", "scale", "bits")
+    __slots__ = ("v", "scale", "bits", "rs")
 
-    def __init__(self, v: Any, scale: int, bits: int = RING_BITS) -> None:
-        self.v, self.scale, self.bits = v, scale, bits
+    def __init__(self, v: Any, scale: int, bits: int = RING_BITS, rs: list | None = None) -> None:
+        self.v, self.scale, self.bits, self.rs = v, scale, bits, rs
 
-    def with_value(self, v: Any) -> "Fx":
-        return Fx(v, self.scale, self.bits)
+    @property
+    def wide(self) -> bool:
+        return self.rs is not None
+
+    def with_value(self, v: Any, rs: list | None = None) -> "Fx":
+        return Fx(v, self.scale, self.bits, rs if rs is not None or self.rs is None else [None] * len(self.rs))
+
+
+def wide_weights(arch: Arch) -> list[str]:
+    """The weights a wide plan also sets up mod each prime: those of the attention block's linears."""
+    return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *(("res_in",) if arch.residual == "alpha"
+                                                                           else ()))]
 
 
 def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12") -> dict[str, int]:
@@ -375,11 +400,12 @@ def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str =
 
 
 def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any]) -> RingPlan:
-    """The finest :data:`RING_FRONTIER` precision whose every shared value fits Z_2^64 with one bit to spare
-    (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does."""
+    """The first plan of :data:`PLAN_ORDER` (Z_2^64 down to :data:`RING_FLOOR`, then the wide plans, then coarser
+    Z_2^64 ones) whose every shared value fits its ring with one bit to spare (a scales-only run of the forward
+    over a prefill and a decode step); RingOverflow if none does."""
     arch = weights.arch
     last: Exception | None = None
-    for plan in RING_FRONTIER:
+    for plan in PLAN_ORDER:
         ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan))
         try:
             for step in (0, 1):
@@ -464,13 +490,18 @@ class PrivateOps:
         except KeyError:
             raise KeyError(f"no calibrated magnitude for {name!r}") from None
 
-    def _fx(self, name: str, v: Any, scale: int, bits: int = RING_BITS) -> Fx:
-        """``v`` as a value at ``scale`` on Z_2^bits, after checking that ``name``'s bound fits there."""
+    def _fx(self, name: str, v: Any, scale: int, bits: int = RING_BITS, rs: list | None = None) -> Fx:
+        """``v`` as a value at ``scale`` on Z_2^bits (with residues ``rs``: on Z_N), after checking that ``name``'s
+        bound fits there."""
         need = scale + self._range(name) + 2
         if need > bits:
             raise RingOverflow(f"{name}: a value bounded by 2^{self._range(name)} at 2^-{scale} needs {need} bits; "
-                               f"it lives on Z_2^{bits}")
-        return Fx(v, scale, bits)
+                               f"it lives on {'Z_N, N ≈ 2^' if rs is not None else 'Z_2^'}{bits}")
+        return Fx(v, scale, bits, rs)
+
+    def _wide(self, name: str, scale: int, like: Fx | None = None) -> Fx:
+        """An output on Z_N (no values yet): residues None."""
+        return self._fx(name, None, scale, crt.WIDE_BITS, [None] * len(crt.PRIMES))
 
     def _enc(self, name: str, x: Fx) -> ring.Enc:
         return ring.Enc(x.scale, x.bits, self._range(name))
@@ -480,38 +511,60 @@ class PrivateOps:
             return self.fracs[weight]
         return self.p.weights[weight].frac  # type: ignore[union-attr]
 
+    def _views(self) -> list[Party]:
+        """This party's residue views, one per prime (the wide ring's other residues)."""
+        return [self.p.residue(q) for q in crt.PRIMES]  # type: ignore[union-attr]
+
     # -- local ops ---------------------------------------------------------------------
     def note(self, name: str, x: Value) -> Value:
         if self.ring and name in self.mags:
-            self._fx(name, None, x.scale, x.bits)
+            self._fx(name, None, x.scale, x.bits, x.rs)
         return x
 
     def local(self, fn: Callable, x: Value) -> Value:
         if self.ring:
-            return x.with_value(None if x.v is None else fn(x.v))
+            rs = None if x.rs is None else [None if r is None else fn(r) for r in x.rs]
+            return Fx(None if x.v is None else fn(x.v), x.scale, x.bits, rs)
         return None if x is None else fn(x)
 
     def local_multi(self, fn: Callable, x: Value, n: int) -> tuple:
         if self.ring:
-            return tuple(x.with_value(v) for v in ((None,) * n if x.v is None else fn(x.v)))
+            vs = (None,) * n if x.v is None else fn(x.v)
+            if x.rs is None:
+                return tuple(Fx(v, x.scale, x.bits) for v in vs)
+            rss = [(None,) * n if r is None else fn(r) for r in x.rs]
+            return tuple(Fx(v, x.scale, x.bits, [rr[j] for rr in rss]) for j, v in enumerate(vs))
         return (None,) * n if x is None else fn(x)
 
     def add(self, x: Value, y: Value) -> Value:
         if self.ring:  # align on the finer scale: shifting a share up is exact
-            sc = max(x.scale, y.scale)
+            sc, bits = max(x.scale, y.scale), min(x.bits, y.bits)
+            if x.wide != y.wide:
+                raise RingOverflow(f"adding a value on Z_N to one on Z_2^64 (plan {self.plan})")
             if x.v is None or y.v is None:
-                return Fx(None, sc, min(x.bits, y.bits))
-            return Fx(ring.shift_up(x.v, sc - x.scale) + ring.shift_up(y.v, sc - y.scale), sc, min(x.bits, y.bits))
+                return Fx(None, sc, bits, None if x.rs is None else [None] * len(x.rs))
+            v = ring.shift_up(x.v, sc - x.scale) + ring.shift_up(y.v, sc - y.scale)
+            rs = None
+            if x.wide:
+                rs = [crt.reduce(crt.reduce(a, q) * float(pow(2, sc - x.scale, q))
+                                 + crt.reduce(b, q) * float(pow(2, sc - y.scale, q)), q)
+                      for a, b, q in zip(x.rs, y.rs, crt.PRIMES)]
+            return Fx(v, sc, bits, rs)
         return None if x is None or y is None else x + y
 
     async def rope(self, name: str, x: Value, s: StepShape) -> Value:
         """RoPE on each share; on the ring the rotation is encoded at ``plan.c`` bits and q, k are then truncated
-        locally (no message) to ``plan.pq`` fractional bits, on the smaller ring Z_2^(64−f)."""
+        locally (no message) to ``plan.pq`` fractional bits, on the smaller ring Z_2^(64−f); on Z_N (a wide plan)
+        each residue is rotated and nothing is truncated."""
         a = self.arch
         if not self.ring:
             return self.local(lambda z: rope(a, z, s.pos, s.block), x)
         c = rope_bits(a, self.plan.c)  # type: ignore[union-attr]
-        y = self._fx(name, None if x.v is None else rope(a, x.v, s.pos, s.block, c), x.scale + c, x.bits)
+        v = None if x.v is None else rope(a, x.v, s.pos, s.block, c)
+        if x.wide:
+            rs = [None if r is None else rope(a, r, s.pos, s.block, c, q) for r, q in zip(x.rs, crt.PRIMES)]
+            return self._fx(name, v, x.scale + c, x.bits, rs)
+        y = self._fx(name, v, x.scale + c, x.bits)
         f = max(0, y.scale - self.plan.pq)  # type: ignore[union-attr]
         return self._fx(name, None if y.v is None else ring.trunc(y.v, f), y.scale - f, y.bits - f)
 
@@ -530,59 +583,97 @@ class PrivateOps:
 
     @_traced
     async def linear(self, name: str, x: Value, weight: str, src: str, kind: str = "dense") -> Value:
-        out = self._fx(name, None, x.scale + self._frac(weight), x.bits) if self.ring else None
+        if not self.ring:
+            bias = self.w.get(weight + ".b") if self.p.is_model else None  # type: ignore[union-attr]
+            return await linear(self.p, name, x, weight, mag_in=self._mag(src), mag_out=self._col(name), kind=kind,
+                                bias=bias, l2_in=self._mag(src + "|l2"))
+        scale = x.scale + self._frac(weight)
+        out = self._wide(name, scale) if x.wide else self._fx(name, None, scale, x.bits)
         if self.p is None:
             return out
         bias = self.w.get(weight + ".b") if self.p.is_model else None  # type: ignore[union-attr]
-        if out is not None and bias is not None:
-            bias = ring.encode(bias, out.scale, RING_BITS, f"{name} bias")
-        v = await linear(self.p, name, x.v if self.ring else x, weight, mag_in=self._mag(src),
-                         mag_out=self._col(name), kind=kind, bias=bias, l2_in=self._mag(src + "|l2"))
-        return v if out is None else out.with_value(v)
+        b64, brs = None, [None] * len(crt.PRIMES)
+        if bias is not None:
+            b64, brs = crt.encode(bias, scale, f"{name} bias") if x.wide else (
+                ring.encode(bias, scale, RING_BITS, f"{name} bias"), brs)
+        kw = dict(mag_in=self._mag(src), mag_out=self._col(name), kind=kind, l2_in=self._mag(src + "|l2"))
+        jobs = [linear(self.p, name, x.v, weight, bias=b64, **kw)]
+        if x.wide:
+            jobs += [linear(v, f"{name}#q{i}", r, f"{weight}#q{i}", bias=b, **kw)
+                     for i, (v, r, b) in enumerate(zip(self._views(), x.rs, brs))]
+        got = await asyncio.gather(*jobs)
+        return out.with_value(got[0], list(got[1:]) if x.wide else None)
 
     @_traced
     async def norm(self, name: str, x: Value, src: str, shape: tuple, residual: bool = False) -> tuple[Value, Value]:
-        """(norm(x), x); on the ring U re-encodes the residual stream x at ``plan.res`` in the same hop."""
+        """(norm(x), x); on the ring U re-encodes the residual stream x at ``plan.res`` in the same hop. A wide plan
+        puts norm1's output and residual (the attention block's start) on Z_N."""
         if not self.ring:
             h = await self._norm_op(self.p, name, x, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
                                     mag_out=self._mag(name), mag_share=self._col(name))
             return h, x
-        self._fx(src, None, x.scale, x.bits)
-        out = self._fx(name, None, self.plan.a)  # type: ignore[union-attr]
-        res = self._fx(src, None, self.plan.res) if residual else None  # type: ignore[union-attr]
+        self._fx(src, None, x.scale, x.bits, x.rs)
+        wide_out = self.plan.wide and name.endswith(".n1")  # type: ignore[union-attr]
+        make = (lambda n, sc: self._wide(n, sc)) if wide_out else (lambda n, sc: self._fx(n, None, sc))
+        out = make(name, self.plan.a)  # type: ignore[union-attr]
+        res = make(src, self.plan.res) if residual else None  # type: ignore[union-attr]
         if self.p is None:
             return out, (res or x)
-        enc = dict(encs_in=[self._enc(src, x)], enc_out=self._enc(name, out),
-                   residual=None if res is None else self._enc(src, res))
-        got = await self._norm_op(self.p, name, x.v, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
-                                  mag_out=self._mag(name), mag_share=self._col(name), **enc)
-        if res is None:
-            return out.with_value(got), x
-        return out.with_value(got[0]), res.with_value(got[1])
+        if not (wide_out or x.wide):
+            enc = dict(encs_in=[self._enc(src, x)], enc_out=self._enc(name, out),
+                       residual=None if res is None else self._enc(src, res))
+            got = await self._norm_op(self.p, name, x.v, mag_in=self._mag(src), eps=self.arch.norm_eps, shape=shape,
+                                      mag_out=self._mag(name), mag_share=self._col(name), **enc)
+            if res is None:
+                return out.with_value(got), x
+            return out.with_value(got[0]), res.with_value(got[1])
+        fn = _norm_fn(self.arch)
+        got = await apply_permuted_wide(
+            self.p, name, x.v, x.rs, fn, mag_in=self._mag(src), mag_out=self._mag(name), enc_in=self._enc(src, x),
+            enc_out=self._enc(name, out), wide_out=wide_out, residual=None if res is None else self._enc(src, res),
+            residual_wide=wide_out, mode="rows", shape=shape, mag_share=self._col(name))
+        (h, hrs), r = (got, None) if res is None else got
+        out = out.with_value(h, hrs)
+        return (out, x) if res is None else (out, res.with_value(r[0], r[1]))
 
     @_traced
     async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> Value:
-        out = self._fx(name, None, a.scale + b_new.scale, min(a.bits, b_new.bits)) if self.ring else None
+        kw = dict(transpose_b=transpose_b, mag_a=self._mag(src_a), mag_b=self._mag(src_b),
+                  mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
+                  l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
+        if not self.ring:
+            return await matmul_shared(self.p, name, a, b_new, f"{self.prefix}{cache}", **kw)
+        if a.wide != b_new.wide:
+            raise RingOverflow(f"{name}: a product of a value on Z_N and one on Z_2^64")
+        scale = a.scale + b_new.scale
+        out = self._wide(name, scale) if a.wide else self._fx(name, None, scale, min(a.bits, b_new.bits))
         if self.p is None:
             return out
-        v = await matmul_shared(self.p, name, a.v if self.ring else a, b_new.v if self.ring else b_new,
-                                f"{self.prefix}{cache}", transpose_b=transpose_b,
-                                mag_a=self._mag(src_a), mag_b=self._mag(src_b),
-                                mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
-                                l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
-        return v if out is None else out.with_value(v)
+        jobs = [matmul_shared(self.p, name, a.v, b_new.v, f"{self.prefix}{cache}", **kw)]
+        if a.wide:
+            jobs += [matmul_shared(v, f"{name}#q{i}", ra, rb, f"{self.prefix}{cache}#q{i}", **kw)
+                     for i, (v, ra, rb) in enumerate(zip(self._views(), a.rs, b_new.rs))]
+        got = await asyncio.gather(*jobs)
+        return out.with_value(got[0], list(got[1:]) if a.wide else None)
 
     @_traced
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         if not self.ring:
             return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
-        out = self._fx(name, None, self.plan.p)  # type: ignore[union-attr]
+        out = self._wide(name, self.plan.p) if s.wide else self._fx(name, None, self.plan.p)  # type: ignore[union-attr]
         if self.p is None:
             return out
-        v = await softmax(self.p, name, s.v, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape,
-                          encs_in=[self._enc(src, s)], enc_out=self._enc(name, out))
-        return out.with_value(v)
+        if not s.wide:
+            v = await softmax(self.p, name, s.v, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape,
+                              encs_in=[self._enc(src, s)], enc_out=self._enc(name, out))
+            return out.with_value(v)
+        rows = np.broadcast_to(np.asarray(valid), tuple(shape)[:-1])
+        (v, rs) = await apply_permuted_wide(
+            self.p, name, s.v, s.rs, lambda z: F.softmax(z, rows, scale), mag_in=self._mag(src), mag_out=1.0,
+            enc_in=self._enc(src, s), enc_out=self._enc(name, out), wide_out=True, mode="rows", valid=valid,
+            shape=shape)
+        return out.with_value(v, rs)
 
     async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value, Value]:
         """norm1 … P·V: the fused 8-hop op in decode when the session's route is "8", else the 12-hop ops.

@@ -30,7 +30,7 @@ def merge_heads(arch: Arch, o: np.ndarray) -> np.ndarray:
     return o.transpose(2, 0, 1, 3).reshape(T, arch.heads * arch.head_dim)
 
 
-def _rotate(x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None) -> np.ndarray:
+def _rotate(x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None, q: int = 0) -> np.ndarray:
     """Rotate-half RoPE over the last axis of x (…, T, d) at positions ``pos`` (T,).
 
     With ``frac`` (ring words): cos and sin encoded as round(·2^frac), so the result is exact
@@ -43,22 +43,28 @@ def _rotate(x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None) -> n
     sin = np.sin(np.concatenate([ang, ang], -1))
     if frac is None:
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    elif q:  # a residue mod q (float64 integers): integer cosines, reduced so every product stays exact
+        cos, sin = (np.rint(t * 2.0**frac) for t in (cos, sin))
+        x = np.mod(x, float(q))
     else:
         cos, sin = (np.rint(t * 2.0**frac).astype(np.int64).view(np.uint64) for t in (cos, sin))
     half = d // 2
     rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rot * sin
+    out = x * cos + rot * sin
+    return np.mod(out, float(q)) if q else out
 
 
-def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None, frac: int | None = None) -> np.ndarray:
+def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None, frac: int | None = None,
+         q: int = 0) -> np.ndarray:
     """Rotary embedding of q or k (…, T, hd); ChatGLM rotates each half by its own id. ``frac``: on ring
-    words, the fractional bits of the encoded rotation (the result's scale grows by them)."""
+    words (or, with ``q``, residues mod q), the fractional bits of the encoded rotation (the result's scale
+    grows by them)."""
     if arch.pos == "rope":
-        return _rotate(x, pos, arch.rope_theta, frac)
+        return _rotate(x, pos, arch.rope_theta, frac, q)
     if arch.pos == "rope2d":
         h = x.shape[-1] // 2
-        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta, frac),
-                               _rotate(x[..., h:], block, arch.rope_theta, frac)], -1)
+        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta, frac, q),
+                               _rotate(x[..., h:], block, arch.rope_theta, frac, q)], -1)
     return x
 
 

@@ -34,7 +34,7 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from . import he_matmul, ring
+from . import crt, he_matmul, ring
 from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 
@@ -94,7 +94,12 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
             if sig_bits is None:
                 raise ValueError(f"weight {name!r}: the ring needs the weights' significant bits")
             frac = weight_frac(scale, sig_bits)
-            W = ring.encode(W, frac, RING_BITS, f"weight {name!r}")
+            W = np.rint(W * 2.0**frac)  # W̃: small integers, kept as float64 for BLAS (ring.matmul_small)
+        elif p.modq:  # a residue view: W̃ = round(W·2^frac) as (small, signed) float64 integers
+            if sig_bits is None:
+                raise ValueError(f"weight {name!r}: the wide ring needs the weights' significant bits")
+            frac = weight_frac(scale, sig_bits)
+            W = np.rint(W * 2.0**frac)
         rows = _chunk_rows(W.shape)
         chunks = 0 if light else max(1, -(-W.shape[0] // rows))
         meta = {"shape": list(W.shape), "scale": scale, "chunks": chunks, "frac": frac}
@@ -102,7 +107,8 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
         p.send(Role.USER, (kind, name, "meta"), meta)
         for i in range(chunks):
             uw = await p.compute(_uw_chunk, p, name, W.shape, scale, i, rows, work=rows * W[0].size)
-            p.send(Role.USER, (kind, name, i), W[i * rows:i * rows + len(uw)] - uw)
+            part = W[i * rows:i * rows + len(uw)]
+            p.send(Role.USER, (kind, name, i), (_words(part) if p.ring else part) - uw)
             await p.channels[Role.USER].flush()  # bound memory: one chunk in flight
         p.weights[name] = _Weight(W.shape, scale, W, chunks, frac)
         return
@@ -174,12 +180,21 @@ def _helper_uw(p: Party, name: str) -> np.ndarray:
     return w.value
 
 
-def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """x·W for a weight of ``kind``: real numbers, or exactly mod 2^64 for ring words."""
-    if x.dtype == np.uint64:
+def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray, q: int = 0) -> np.ndarray:
+    """x·W for a weight of ``kind``: real numbers, exactly mod 2^64 for ring words, or exactly mod ``q``."""
+    if q:
         if kind == "diag":
+            return crt.reduce(crt.reduce(x, q) * W, q)
+        return crt.matmul(x, W, q, transpose_b=kind == "dense", reduced_b=True)  # weights: reduced or small
+    if x.dtype == np.uint64:
+        if W.dtype != np.uint64:  # M's own W̃ (small integers as float64): BLAS on limbs
+            if kind == "diag":
+                return x * _words(W)
+            if kind in ("dense", "transposed"):
+                return ring.matmul_small(x, W, transpose_b=kind == "dense")
+        elif kind == "diag":
             return x * W
-        if kind in ("dense", "transposed"):
+        elif kind in ("dense", "transposed"):
             return ring.matmul(x, W, RING_BITS, transpose_b=kind == "dense")
     elif kind == "dense":
         return x @ W.T
@@ -188,6 +203,11 @@ def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray) -> np.ndarray:
     elif kind == "diag":
         return x * W
     raise ValueError(f"unknown weight kind {kind!r}")
+
+
+def _words(W: np.ndarray) -> np.ndarray:
+    """Small integers held as float64 as ring words (two's complement mod 2^64)."""
+    return W.astype(np.int64).view(np.uint64)
 
 
 def _n_in(kind: WeightKind, shape: tuple[int, ...]) -> int:
@@ -233,7 +253,7 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
         else:
             l2 = mag_in * math.sqrt(n_in) if l2_in is None else l2_in
             width_t = R * R * w.scale * l2 / math.sqrt(12.0)
-        op = _Deferred(name, weight, kind, width_t, mag_out)
+        op = _Deferred(name, weight, kind, width_t, mag_out, p.modq)
         out_shape = x.shape if kind == "diag" else (*x.shape[:-1], _product_shape(kind, w.shape)[0])
         r = p.mask("uh", name, "r", out_shape, R * mag_out)
         if p.is_user:
@@ -250,7 +270,8 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
         return he_matmul.user_share(p, name, *_light_dims(x, w, kind), mag_out) if light else p.take(name)
     assert x is not None
     corr = p.take(name)
-    z = await p.compute(_apply, kind, x, w.value, work=x.size * w.value.size // max(_n_in(kind, w.shape), 1))
+    z = await p.compute(_apply, kind, x, w.value, p.modq,
+                        work=x.size * w.value.size // max(_n_in(kind, w.shape), 1))
     if corr.shape != z.shape:
         raise ProtocolError(f"linear {name!r}: offline correlation of shape {corr.shape}, product {z.shape}")
     z += corr
@@ -268,6 +289,7 @@ class _Deferred:
     kind: WeightKind
     width_t: float
     mag_out: float | np.ndarray
+    q: int = 0  # a residue view's prime: its products and masks are mod q
 
 
 DEALT_KEY = ("dealt-batch", -1)  # p.store entry of the open batch (U and H)
@@ -308,10 +330,12 @@ async def dealt_batch(p: Party, tokens: list[int]) -> AsyncIterator[None]:
 
 async def _send_products(p: Party, op: _Deferred, rows: list[tuple[int, np.ndarray]]) -> None:
     """U: x_U·D + t, H: x_U·U_W − t − r, for each (token, x_U) in ``rows``, from one product."""
+    if op.q and p.modq != op.q:  # deferred by a residue view, sent by the batch's party
+        p = p.residue(op.q)
     w = p.weights[op.weight]
     W = w.value if p.is_user else _helper_uw(p, op.weight)
     X = rows[0][1] if len(rows) == 1 else np.concatenate([x for _, x in rows])
-    Y = await p.compute(_apply, op.kind, X, W, work=X.size * W.size // max(_n_in(op.kind, w.shape), 1))
+    Y = await p.compute(_apply, op.kind, X, W, p.modq, work=X.size * W.size // max(_n_in(op.kind, w.shape), 1))
     i = 0
     for token, x in rows:
         pv = p.view("offline", token)

@@ -22,14 +22,16 @@ import math
 
 import numpy as np
 
-from . import ring
+from . import crt, ring
 from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 
 __all__ = ["matmul_shared"]
 
 
-def _mm(a: np.ndarray, b: np.ndarray, transpose_b: bool) -> np.ndarray:
+def _mm(a: np.ndarray, b: np.ndarray, transpose_b: bool, q: int = 0) -> np.ndarray:
+    if q:  # a residue view: exact mod q
+        return crt.matmul(a, b, q, transpose_b)
     if a.dtype == np.uint64:  # ring words: exact mod 2^64
         return ring.matmul(a, b, RING_BITS, transpose_b)
     return a @ np.swapaxes(b, -1, -2) if transpose_b else a @ b
@@ -73,7 +75,8 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
             return r
         alpha = p.mask("mh", name, "alpha", a.shape, R * mag_a)
         beta = _append(p.caches, cache + "/beta", p.mask("mh", name, "beta", b_new.shape, R * mag_b))
-        c = await p.compute(lambda: _mm(alpha, bu, transpose_b) + _mm(a, beta, transpose_b) + rho,
+        q = p.modq
+        c = await p.compute(lambda: _mm(alpha, bu, transpose_b, q) + _mm(a, beta, transpose_b, q) + rho,
                             work=2 * a.size * bu.shape[-2])
         p.send(Role.MODEL, p.tag("smm", name, "c"), c)
         return r
@@ -84,7 +87,7 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
         beta = p.mask("mh", name, "beta", b_new.shape, R * mag_b)
         p.send(Role.USER, p.tag("smm", name, "open"), [a - alpha, b_new - beta])
         bm = _append(p.caches, cache + "/bm", b_new)
-        cm = await p.compute(_mm, a, bm, transpose_b, work=a.size * bm.shape[-2])
+        cm = await p.compute(_mm, a, bm, transpose_b, p.modq, work=a.size * bm.shape[-2])
         if cm.shape != c.shape:
             raise ProtocolError(f"matmul_shared {name!r}: product shape {cm.shape} != correlation {c.shape}")
         d = await p.recv_array(Role.USER, p.tag("smm", name, "u"), c.shape)
@@ -92,7 +95,7 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
     if p.is_user:
         assert a is not None
         rho, r, n_rows = p.take(name)
-        opened = await p.recv(Role.MODEL, p.tag("smm", name, "open"), modulus=2**64 if p.ring else None)
+        opened = await p.recv(Role.MODEL, p.tag("smm", name, "open"), modulus=2**64 if p.ring else p.modq or None)
         if not (isinstance(opened, list) and len(opened) == 2
                 and all(isinstance(o, np.ndarray) and o.dtype == p.dtype for o in opened)
                 and opened[0].shape == a.shape):
@@ -101,7 +104,8 @@ async def matmul_shared(p: Party, name: str, a: np.ndarray | None, b_new: np.nda
         bu = p.caches[cache + "/bu"][..., :n_rows, :]
         if ob.shape != bu.shape:
             raise ProtocolError(f"matmul_shared {name!r}: opened cache {ob.shape} != own cache {bu.shape}")
-        cu = await p.compute(lambda: _mm(opened[0], bu, transpose_b) + _mm(a, ob + bu, transpose_b) - rho,
+        q = p.modq
+        cu = await p.compute(lambda: _mm(opened[0], bu, transpose_b, q) + _mm(a, ob + bu, transpose_b, q) - rho,
                              work=2 * a.size * n_rows)
         p.send(Role.MODEL, p.tag("smm", name, "u"), cu - r)
         return r

@@ -56,7 +56,7 @@ class Party:
     """Context of one party: role, channels, seeds, phase, and state kept across phases."""
 
     __slots__ = ("role", "channels", "config", "meter", "phase", "token", "store", "weights", "caches", "_seeds",
-                 "trace", "op", "transcript", "ring")
+                 "trace", "op", "transcript", "ring", "modq")
 
     def __init__(self, role: Role, channels: Mapping[Role, Channel], config: ShareConfig, meter: Meter) -> None:
         self.role = Role(role)
@@ -74,6 +74,7 @@ class Party:
         self.transcript: Transcript | None = None  # audits: every array received (protocols/transcript.py)
         # Shares on Z_2^64 (else real numbers): config.arith "ring", or "auto" resolved so by the session setup.
         self.ring = config.arith == "ring"
+        self.modq = 0  # a residue view of a wide value (protocols/crt.py): real-number code on integers mod q
 
     def view(self, phase: str, token: int) -> "Party":
         """The same party (shared channels, seeds and state) in another phase/token.
@@ -83,6 +84,14 @@ class Party:
         """
         v = copy.copy(self)
         v.phase, v.token = phase, token
+        return v
+
+    def residue(self, q: int) -> "Party":
+        """This party computing mod the prime ``q`` (one residue of a wide value, :mod:`permllm.protocols.crt`):
+        shares are float64 integers, masks uniform on [0, q), every array it sends reduced mod q. The ops
+        run their real-number branches; their products are exact mod q (``crt.matmul``)."""
+        v = copy.copy(self)
+        v.ring, v.modq = False, int(q)
         return v
 
     # -- identities -------------------------------------------------------------------
@@ -144,6 +153,8 @@ class Party:
         (which, name, token, purpose) stream; on the ring, uniform on Z_2^64 whatever the width."""
         if self.ring:
             return self.gen(which, name, purpose).ring(tuple(shape), RING_BITS)
+        if self.modq:
+            return self.gen(which, name, purpose).integers(0, self.modq, size=tuple(shape)).astype(np.float64)
         return uniform_mask(self.gen(which, name, purpose), tuple(shape), width, self.dtype)
 
     # -- masks a light-mode user draws twice ---------------------------------------------
@@ -210,7 +221,9 @@ class Party:
         return (kind, name, self.token, part)
 
     def send(self, to: Role, tag: tuple, payload: Any) -> None:
-        """Send in the current phase (counted under that phase)."""
+        """Send in the current phase (counted under that phase); a residue view sends its arrays mod q."""
+        if self.modq:
+            payload = _reduced(payload, self.modq)
         self.channels[to].send(tag, payload, phase=self.phase)
         if self.op is not None:
             self.op.msgs_sent += 1
@@ -251,7 +264,7 @@ class Party:
     async def recv_array(self, frm: Role, tag: tuple, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Receive an ndarray of this session's dtype (and shape, when given), else ProtocolError. On the ring
         every such array is a masked share, uniform on Z_2^64 whatever the secrets (the transcript says so)."""
-        a = await self.recv(frm, tag, modulus=2**64 if self.ring else None)
+        a = await self.recv(frm, tag, modulus=2**64 if self.ring else self.modq or None)
         check_array(a, self.dtype, shape, f"message {tag} from {frm.value}")
         return a
 
@@ -303,6 +316,15 @@ class OpRecord:
     @property
     def compute_s(self) -> float:
         return max(self.wall_s - self.wait_s, 0.0)
+
+
+def _reduced(payload: Any, q: int) -> Any:
+    """A message's float arrays mod q (what a residue view sends: uniform on [0, q) under its masks)."""
+    if isinstance(payload, np.ndarray) and payload.dtype.kind == "f":
+        return np.mod(payload, float(q))
+    if isinstance(payload, list):
+        return [_reduced(x, q) for x in payload]
+    return payload
 
 
 def payload_bytes(x: Any) -> int:

@@ -27,6 +27,7 @@ steps when their batch's HE exchange is over (:meth:`Party.mask_plan`), else onl
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -119,14 +120,16 @@ def _zero_tail(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
 async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *, mags: Sequence[float],
                          mode: str = "flat", valid: np.ndarray | None = None,
                          shape: tuple[int, ...] | None = None,
-                         encs: Sequence[ring.Enc] | None = None) -> list[np.ndarray] | None:
+                         encs: Sequence[ring.Enc] | None = None,
+                         perm_name: str | None = None) -> list[np.ndarray] | None:
     """Reveal π(x) of each shared input to U, all under the same π; 1 hop M → U.
 
     ``shape`` is the inputs' shape (M passes it offline, when it has no values). On the ring
     ``encs`` gives each input's public encoding: its messages travel mod 2^wire (the bits its
     value needs, :class:`~permllm.protocols.ring.Enc`), and U gets the words mod 2^wire to decode.
     Returns U's clear permuted values; M and H get None (M keeps π for
-    :func:`reshare_unpermute` of the same ``name``).
+    :func:`reshare_unpermute` of the same ``name``). π is that of ``perm_name`` (default ``name``): the
+    residues of a wide value are revealed under one π.
 
     Learns: U learns π(x) (the PermLLM leakage) and nothing of π — with a ``valid`` prefix
     per row only the prefixes: the entries past them are never sent, U's view holds zeros
@@ -135,6 +138,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
     """
     R = p.ratio
     rg = p.ring
+    pn = perm_name or name
     if rg and (encs is None or len(encs) != len(mags)):
         raise ValueError(f"permute_reveal {name!r}: the ring needs each input's encoding")
     wires = [e.wire for e in encs] if rg else [0] * len(mags)  # type: ignore[union-attr]
@@ -152,11 +156,11 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
 
     if p.phase == "offline":
         if p.is_model:
-            deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"), modulus=256 if rg else None)
+            deltas = await p.recv(Role.HELPER, p.tag("perm", name, "delta"), modulus=256 if rg else p.modq or None)
             if not isinstance(deltas, list) or len(deltas) != len(mags):
                 raise ProtocolError(f"permute_reveal {name!r}: bad correlation from the helper")
             # π does not depend on any value: draw it now, off the online path.
-            pi = _perm(p, name, tuple(shape), mode, valid) if shape is not None else None
+            pi = _perm(p, pn, tuple(shape), mode, valid) if shape is not None else None
             p.keep(name + "/reveal", (deltas, pi))
             return None
         shp = tuple(xs[0].shape)
@@ -168,7 +172,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         if p.is_user:
             p.keep(name + "/reveal", bs)
             return None
-        pi = _perm(p, name, shp, mode, valid)
+        pi = _perm(p, pn, shp, mode, valid)
         keep = _prefix(shp, mode, valid)
         p.send(Role.MODEL, p.tag("perm", name, "delta"),
                [out(_pack(pi.apply(x) - b, keep), w) for x, b, w in zip(xs, bs, wires)])
@@ -177,8 +181,9 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         deltas, pi = p.take(name + "/reveal")
         shp = tuple(xs[0].shape)
         if pi is None:
-            pi = _perm(p, name, shp, mode, valid)
-        p.keep(name + "/pi", pi)
+            pi = _perm(p, pn, shp, mode, valid)
+        if pn == name:  # a residue revealed under another op's π leaves π where that op keeps it
+            p.keep(name + "/pi", pi)
         keep = _prefix(shp, mode, valid)
         want = shp if keep is None else (int(keep.sum()),)
         ms = []
@@ -328,6 +333,69 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
                                       perm_name=name)
     out = await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share,
                                   a_ahead=a)
+    return out if residual is None else (out, res)
+
+
+async def apply_permuted_wide(p: Party, name: str, x: np.ndarray | None, xrs: Sequence[np.ndarray | None] | None,
+                              f: Callable[[np.ndarray], np.ndarray], *, mag_in: float, mag_out: float,
+                              enc_in: ring.Enc, enc_out: ring.Enc, wide_out: bool,
+                              residual: ring.Enc | None = None, residual_wide: bool = False, mode: str = "flat",
+                              valid: np.ndarray | None = None, shape: tuple[int, ...] | None = None,
+                              mag_share: float | np.ndarray | None = None) -> tuple:
+    """:func:`apply_permuted` for values on the wide ring Z_N (:mod:`permllm.protocols.crt`); 2 online hops.
+
+    ``x`` is the share's residue mod 2^64 and ``xrs`` its residues mod each prime (None: the input lives
+    on Z_2^64 only). Every residue is revealed under the same π (one hop M → U, all residues' messages
+    together), U combines them and decodes at ``enc_in``, computes ``f`` and encodes at ``enc_out`` —
+    on Z_N if ``wide_out``, else on Z_2^64 — and reshares every residue, and with ``residual`` the
+    input itself (on Z_N if ``residual_wide``), in one hop U → M. Returns ((output mod 2^64, its
+    residues or None), and with ``residual`` the same for the re-encoded input).
+
+    Learns: U learns π(x) and f of it; M receives each residue's messages, each masked uniformly mod its
+    modulus whatever the value (a mask uniform mod N is one uniform per residue); H learns nothing.
+    """
+    from . import crt
+
+    shp = tuple(shape) if shape is not None else tuple(x.shape)  # type: ignore[union-attr]
+    views = [p.residue(q) for q in crt.PRIMES]
+    rn = [f"{name}#q{i}" for i in range(len(views))]
+    what = f"{name!r} input"
+    jobs = [permute_reveal(p, name, [x], mags=[mag_in], mode=mode, valid=valid, shape=shp, encs=[enc_in])]
+    if xrs is not None:
+        jobs += [permute_reveal(v, n, [r], mags=[mag_in], mode=mode, valid=valid, shape=shp, perm_name=name)
+                 for v, n, r in zip(views, rn, xrs)]
+    got = await asyncio.gather(*jobs)
+    y = y_rs = x0 = x0_rs = None
+    if got[0] is not None:  # U: the clear permuted input
+        if xrs is not None:
+            val = crt.decode(got[0][0], [crt.reduce(g[0], q) for g, q in zip(got[1:], crt.PRIMES)], enc_in.scale,
+                             what, enc_in.range)
+        else:
+            val = ring.decode(got[0][0], enc_in.scale, enc_in.opened, what, enc_in.range)
+
+        def enc(v: np.ndarray, scale: int, wide: bool, label: str) -> tuple:
+            if wide:
+                return crt.encode(v, scale, f"{name!r} {label}")
+            return ring.encode(v, scale, RING_BITS, f"{name!r} {label}"), None
+
+        y, y_rs = enc(f(val), enc_out.scale, wide_out, "output")
+        if residual is not None:
+            x0, x0_rs = enc(val, residual.scale, residual_wide, "residual")
+    kw = dict(mode=mode, valid=valid, shape=shp)
+
+    async def reshare_all(base: str, v64: np.ndarray | None, vrs: list | None, wide: bool, mag: float,
+                          share: float | np.ndarray | None, last: bool) -> tuple:
+        outs = None
+        if wide:
+            outs = [await reshare_unpermute(v, f"{base}#q{i}", None if vrs is None else vrs[i], mag=mag,
+                                            mag_share=share, perm_name=name, **kw) for i, v in enumerate(views)]
+        main = await reshare_unpermute(p, base, v64, mag=mag, mag_share=share, perm_name=None if last else name, **kw)
+        return main, outs
+
+    res = None
+    if residual is not None:
+        res = await reshare_all(name + "#res", x0, x0_rs, residual_wide, mag_in, None, False)
+    out = await reshare_all(name, y, y_rs, wide_out, mag_out, mag_share, True)
     return out if residual is None else (out, res)
 
 

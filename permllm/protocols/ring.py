@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "pack", "unpack", "wire_bytes", "trunc",
+__all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "matmul_small", "pack", "unpack", "wire_bytes", "trunc",
            "shift_up", "mul_public", "Enc"]
 
 _U64, _U32 = np.dtype(np.uint64), np.dtype(np.uint32)
@@ -84,6 +84,23 @@ def matmul(a: np.ndarray, b: np.ndarray, bits: int, transpose_b: bool = False) -
     if transpose_b:
         tb = tb.transpose(-1, -2)
     return mod(torch.matmul(ta, tb).numpy().view(w), bits)
+
+
+def matmul_small(x: np.ndarray, W: np.ndarray, transpose_b: bool = False) -> np.ndarray:
+    """x @ W (x @ Wᵀ with ``transpose_b``) mod 2^64 for ring words ``x`` and a public-size *small* integer matrix
+    ``W`` held as float64 (|W| < 2^21: an encoded weight), through BLAS: ``x`` is split into four 16-bit limbs
+    stacked as rows of one float64 product (each partial sum below 2^16·2^21·K < 2^53 for K < 2^16 inputs, so
+    exact), then recombined with wrapping integer shifts. torch's int64 matmul is 10–20× slower."""
+    k = x.shape[-1]
+    if k >= 1 << 16:
+        raise ValueError(f"matmul_small: inner dimension {k} too large for exact float64 limbs")
+    x2 = x.reshape(-1, k)
+    xs = np.concatenate([((x2 >> np.uint64(16 * i)) & np.uint64(0xFFFF)).astype(np.float64) for i in range(4)])
+    P = (xs @ (W.T if transpose_b else W)).reshape(4, *x.shape[:-1], -1)  # one 2-D BLAS product
+    out = np.zeros(P.shape[1:], dtype=_U64)
+    for i in range(4):
+        out += P[i].astype(np.int64).view(_U64) << np.uint64(16 * i)
+    return out
 
 
 def _writable(x: np.ndarray) -> np.ndarray:

@@ -36,9 +36,9 @@ import numpy as np
 
 from ..model import (Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, setup_embedding, weight_names,
                      weight_shape)
-from ..model.forward import Fx, RingPlan, resolve_arith
+from ..model.forward import Fx, RingPlan, resolve_arith, wide_weights
 from ..protocols import Party, ProtocolError, Role, setup_weight
-from ..protocols import ring
+from ..protocols import crt, ring
 from ..protocols.linear import dealt_batch
 from ..protocols import he_matmul
 from ..protocols.sampling import Sampler, make_rng
@@ -199,6 +199,14 @@ class _Party:
                 await setup_weight(self.p, name, shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
             if progress:
                 progress("setup", i + 1, len(names))
+        if self.plan is not None and self.plan.wide:  # the attention block's weights mod each prime as well
+            for name in wide_weights(self.arch):  # type: ignore[arg-type]
+                for i, q in enumerate(crt.PRIMES):
+                    rv = self.p.residue(q)
+                    if self.p.is_model:
+                        await setup_weight(rv, f"{name}#q{i}", self.weights[name], sig_bits=self.plan.wb)  # type: ignore[index]
+                    else:
+                        await setup_weight(rv, f"{name}#q{i}", shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
         await setup_embedding(self.p, self.weights, self.arch)  # type: ignore[arg-type]
 
     async def requests(self) -> AsyncIterator[_Gen]:
