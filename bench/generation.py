@@ -9,8 +9,8 @@ phase, and plaintext tokens/s measured in the same run. Usage:
     .venv/bin/python bench/generation.py [--tokens 32] [--json] [--settings float64:4096 ring ...]
         [--routes 12 8]
 
-A setting is ``float64:R`` (real-number shares, mask ratio R) or ``ring`` (exact Z_2^64 shares at the
-finest precision plan the model fits: ``ShareConfig(arith="ring")``).
+A setting is ``float64:R`` (real-number shares, mask ratio R: ``arith="float"``) or ``ring`` (exact ring
+shares at the precision plan the model party chooses, the default: ``ShareConfig(arith="ring")``).
 
 ``--routes`` runs every setting with each attention route (ShareConfig.route: "12" — separate
 norm, q·Kᵀ, softmax and P·V ops — or "8", the fused decode op of protocols/attention.py);
@@ -109,8 +109,8 @@ def main() -> None:
     rows = []
     for spec, route in [(sp, rt) for sp in a.settings for rt in a.routes]:
         dtype, ratio = spec.split(":") if spec != "ring" else ("ring", "0")
-        cfg = ShareConfig(arith="ring", route=route) if spec == "ring" else ShareConfig(dtype, float(ratio),
-                                                                                         route=route)
+        cfg = ShareConfig(arith="ring", route=route) if spec == "ring" else ShareConfig(
+            dtype, float(ratio), route=route, arith="float")
         link = None
         if a.rtt or a.bandwidth:
             from permllm.net import LinkEmulator
