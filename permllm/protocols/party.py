@@ -26,6 +26,7 @@ import numpy as np
 
 from ..net import Channel, Meter
 from .config import RING_BITS, ShareConfig
+from . import crt
 from .prg import stream, uniform_mask
 from .transcript import Transcript
 
@@ -242,7 +243,7 @@ class Party:
             op.bytes_recv += payload_bytes(out)
         if self.transcript is not None:
             self.transcript.record(frm.value, tag, out, modulus, revealed)
-        return out
+        return _widened(out, self.modq) if self.modq else out
 
     @contextlib.asynccontextmanager
     async def traced(self, name: str) -> AsyncIterator[None]:
@@ -319,11 +320,24 @@ class OpRecord:
 
 
 def _reduced(payload: Any, q: int) -> Any:
-    """A message's float arrays mod q (what a residue view sends: uniform on [0, q) under its masks)."""
+    """A message's float arrays mod q as uint32 (what a residue view sends: uniform on [0, q) under its
+    masks, 4 bytes an element instead of 8)."""
     if isinstance(payload, np.ndarray) and payload.dtype.kind == "f":
-        return np.mod(payload, float(q))
+        return crt.reduce(payload, q).astype(np.uint32)
     if isinstance(payload, list):
         return [_reduced(x, q) for x in payload]
+    return payload
+
+
+def _widened(payload: Any, q: int) -> Any:
+    """A residue view's received uint32 arrays as float64 integers (what its ops compute on); a value at or
+    above q is refused."""
+    if isinstance(payload, np.ndarray) and payload.dtype == np.uint32:
+        if payload.size and int(payload.max()) >= q:
+            raise ProtocolError(f"a residue mod {q} out of range in a message")
+        return payload.astype(np.float64)
+    if isinstance(payload, list):
+        return [_widened(x, q) for x in payload]
     return payload
 
 
