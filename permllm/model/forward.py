@@ -499,7 +499,7 @@ class PrivateOps:
                                f"it lives on {'Z_N, N ≈ 2^' if rs is not None else 'Z_2^'}{bits}")
         return Fx(v, scale, bits, rs)
 
-    def _wide(self, name: str, scale: int, like: Fx | None = None) -> Fx:
+    def _wide(self, name: str, scale: int) -> Fx:
         """An output on Z_N (no values yet): residues None."""
         return self._fx(name, None, scale, crt.WIDE_BITS, [None] * len(crt.PRIMES))
 
