@@ -90,14 +90,9 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
         if not math.isfinite(scale):
             raise ValueError(f"weight {name!r} contains inf or nan")
         frac = 0
-        if p.ring:
+        if p.ring or p.modq:  # W̃ = round(W·2^frac): small signed integers kept as float64, for BLAS
             if sig_bits is None:
                 raise ValueError(f"weight {name!r}: the ring needs the weights' significant bits")
-            frac = weight_frac(scale, sig_bits)
-            W = np.rint(W * 2.0**frac)  # W̃: small integers, kept as float64 for BLAS (ring.matmul_small)
-        elif p.modq:  # a residue view: W̃ = round(W·2^frac) as (small, signed) float64 integers
-            if sig_bits is None:
-                raise ValueError(f"weight {name!r}: the wide ring needs the weights' significant bits")
             frac = weight_frac(scale, sig_bits)
             W = np.rint(W * 2.0**frac)
         rows = _chunk_rows(W.shape)

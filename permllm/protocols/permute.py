@@ -143,8 +143,8 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         raise ValueError(f"permute_reveal {name!r}: the ring needs each input's encoding")
     wires = [e.wire for e in encs] if rg else [0] * len(mags)  # type: ignore[union-attr]
 
-    def out(v: np.ndarray, bits: int) -> np.ndarray:  # what travels: ring words narrowed to their width
-        return ring.pack(ring.mod(v, RING_BITS) & _low(bits), bits) if rg else v
+    def out(v: np.ndarray, bits: int) -> np.ndarray:  # what travels: the low bits/8 bytes of each ring word
+        return ring.pack(v, bits) if rg else v
 
     def got(v: object, bits: int, n: tuple[int, ...], what: str) -> np.ndarray:
         if not rg:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["RingOverflow", "word", "mod", "encode", "decode", "matmul", "matmul_small", "pack", "unpack", "wire_bytes", "trunc",
-           "shift_up", "mul_public", "Enc"]
+           "shift_up", "Enc"]
 
 _U64, _U32 = np.dtype(np.uint64), np.dtype(np.uint32)
 
@@ -121,11 +121,6 @@ def trunc(x: np.ndarray, f: int) -> np.ndarray:
 def shift_up(x: np.ndarray, d: int) -> np.ndarray:
     """x·2^d mod 2^64: a share moved to a scale d bits finer (exact while the value fits)."""
     return x << np.uint64(d) if d else x
-
-
-def mul_public(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """x·c mod 2^64 for a share ``x`` and a public integer array ``c`` (int64, broadcast)."""
-    return x * np.asarray(c, dtype=np.int64).view(_U64)
 
 
 class Enc:
