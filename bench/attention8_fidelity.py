@@ -124,13 +124,13 @@ class Case:
         a, one = ARCH, np.array([1])
         spec = AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm="rms", eps=1e-5,
                         scale=1 / math.sqrt(a.head_dim), split=lambda z: split_heads(a, z),
-                        rope=lambda z: rope(a, z, *pos),
+                        rope=lambda z, q: rope(a, z, *pos),
                         mix=np.abs(rope(a, np.eye(a.head_dim), one, None if pos[1] is None else one)) > 0)
 
         async def g(p):
-            _, o = await attention_decode(p, "att", dx.of(p), spec=spec, mags=self.mags, weight="W", cache_k="K",
-                                          cache_v="V", bias_weight="Wb")
-            return o
+            _, o, _ = await attention_decode(p, "att", dx.of(p), spec=spec, mags=self.mags, weight="W", cache_k="K",
+                                             cache_v="V", bias_weight="Wb")
+            return o[0] if o else None
         return g
 
     def _graph12(self, dx: DealtInput, pos: tuple, t: int):

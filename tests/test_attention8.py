@@ -92,7 +92,7 @@ class _Case:
         p_, b_ = _positions(a.pos, self.prompt, step)
         return AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm="rms", eps=1e-6,
                         scale=1 / math.sqrt(a.head_dim), split=lambda z: split_heads(a, z),
-                        rope=lambda z: rope(a, z, p_, b_))
+                        rope=lambda z, q: rope(a, z, p_, b_))
 
     async def setup(self, trio) -> None:
         await run_setup(trio, lambda p: setup_weight(p, "W", self.W if p.is_model else None))
@@ -131,7 +131,8 @@ async def test_fused_decode_matches_plaintext_in_4_hops(pos):
             await run_offline(trio, g, step)
             for p in trio.parties:
                 p.meter.clock["online"] = 0
-            (hm, om), (hu, ou) = await run_online(trio, g, step)
+            (hm, om, _), (hu, ou, _) = await run_online(trio, g, step)
+            (hm,), (om,), (hu,), (ou,) = hm, om, hu, ou  # one lane: real numbers
             assert _hops(trio) == 4
             want = case.out[step - 1]
             assert np.max(np.abs(om + ou - want)) < 5e-3 * np.max(np.abs(want))  # R³ terms: see module doc
@@ -163,7 +164,7 @@ async def test_what_the_model_party_receives_is_masked(monkeypatch):
         await run_online(trio, g, step)
         a, R, t = case.arch, trio.model.ratio, case.prompt + 1
         e = got[(Role.MODEL, Role.USER, "2")][1]          # hop 2: U's score terms (t per query head)
-        eta = got[(Role.MODEL, Role.HELPER, "corr")][2]   # offline: H's
+        eta = got[(Role.MODEL, Role.HELPER, "corr")][1]   # offline: H's
         # U's share of q is the qkv linear's output mask r (H-derivable); M's cached key shares:
         u = trio.user.view("offline", step)
         r = u.mask("uh", "att.qkv", "r", (1, a.qkv_out), R * np.asarray(case.mags.qkv_col))

@@ -169,8 +169,7 @@ async def test_published_bounds_too_small_fail_instead_of_a_wrong_token(tmp_path
 
 
 def test_ring_is_refused_where_it_is_not_built():
-    with pytest.raises(ValueError, match="ring arithmetic"):
-        ShareConfig(arith="ring", route="8")
+    assert ShareConfig(arith="ring", route="8").ring_possible  # the 8-hop route runs on the ring (wide)
     with pytest.raises(ValueError, match="ring arithmetic"):
         ShareConfig(arith="ring", offline="he")
     with pytest.raises(ValueError, match="share arithmetic"):
@@ -213,10 +212,13 @@ def test_crt_residues_are_exact():
     assert np.array_equal(ring.matmul_small(xw, w, True), ring.matmul(xw, w.astype(np.int64).view(np.uint64), 64, True))
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-async def test_wide_ring_generation_equals_transformers_and_its_messages_are_uniform(tmp_path, family, monkeypatch):
-    """The attention block on Z_N (forced here; SmolLM2 needs it): ids equal transformers', and every array the
-    model party receives in the residues is uniform mod its prime (the transcript audit)."""
+@pytest.mark.parametrize("family,route", [("llama", "12"), ("gpt2", "12"), ("llama", "8"), ("gpt2", "8")])
+async def test_wide_ring_generation_equals_transformers_and_its_messages_are_uniform(tmp_path, family, route,
+                                                                                     monkeypatch):
+    """The attention block on Z_N (forced here on route 12; SmolLM2 needs it; the 8-hop route always runs it):
+    ids equal transformers', and every array the model party (and on route 8 the user) receives in the
+    residues is uniform mod its modulus (the transcript audit). The 8-hop route saves 4 hops per layer and
+    decode step."""
     import permllm.model.forward as fwd
     from permllm.protocols import crt
     from permllm.protocols.transcript import audit
@@ -226,15 +228,22 @@ async def test_wide_ring_generation_equals_transformers_and_its_messages_are_uni
     lm = load_model(str(d))
     prompt = [5, 17, 42, 99, 123, 250, 7, 3]
     out = tmp_path / "transcript"
-    async with await permllm.local(lm, config=RING, transcript=out) as s:
+    n = 10
+    async with await permllm.local(lm, config=ShareConfig(arith="ring", route=route), transcript=out) as s:
         assert s.trio.model.ring and any(k.endswith("#q1") for k in s.trio.user.weights)
-        ids = [t async for t in s.generate_ids(prompt, 10)]
-    assert ids == hf_greedy(hf, prompt, 10)
-    rep = audit(out)["model"]
-    mods = {m for m in rep["uniformity"]}
-    assert rep["counts"]["statistical"] == 0 and mods
-    assert all(t["pass"] for t in rep["uniformity"].values() if t["pass"] is not None), rep["uniformity"]
-    assert all(t["pass"] for t in rep["repeats"].values())
+        ids = [t async for t in s.generate_ids(prompt, n)]
+        hops = s.last.online_hops
+    assert ids == hf_greedy(hf, prompt, n)
+    L = lm.arch.layers
+    assert hops == 1 + (12 * L + 8) + (n - 1) * ((8 if route == "8" else 12) * L + 8)
+    report = audit(out)
+    for role in ("model", "user") if route == "8" else ("model",):
+        rep = report[role]
+        assert rep["counts"]["statistical"] == 0 and rep["uniformity"]
+        assert all(t["pass"] for t in rep["uniformity"].values() if t["pass"] is not None), rep["uniformity"]
+        assert all(t["pass"] for t in rep["repeats"].values())
     import json
     index = json.loads((out / "model" / "index.json").read_text())
     assert {e["modulus"] for e in index if e["kind"] == "uniform"} >= {2**64, *crt.PRIMES}
+    if route == "8":
+        assert any(e["tag"][0] == "attn8" for e in index)

@@ -28,7 +28,7 @@ from ..protocols.config import RING_BITS
 from ..protocols.permute import apply_permuted_wide
 from ..protocols.linear import public_scale, weight_frac
 from ..protocols.ring import RingOverflow
-from ..protocols.attention import AttnMags, AttnSpec, attention_decode
+from ..protocols.attention import AttnEnc, AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
 from .layout import merge_heads, positions, rope, rope_bits, split_heads, valid_lengths
@@ -348,7 +348,8 @@ _FLOOR_AT = RING_FRONTIER.index(RING_FLOOR)
 PLAN_ORDER = RING_FRONTIER[:_FLOOR_AT + 1] + WIDE_FRONTIER + RING_FRONTIER[_FLOOR_AT + 1:]
 
 
-def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any]) -> tuple[str, RingPlan | None]:
+def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any],
+                  route: str = "12") -> tuple[str, RingPlan | None]:
     """The model party's choice of arithmetic for a session: ("ring", plan) or ("float", None).
 
     "ring" takes the first plan of :data:`PLAN_ORDER` that fits (RingOverflow if none does); "auto" takes the
@@ -358,7 +359,7 @@ def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[
     if arith == "float" or (arith == "auto" and not possible):
         return "float", None
     try:
-        plan = choose_ring_plan(weights, mags)
+        plan = choose_ring_plan(weights, mags, route)
     except RingOverflow:
         if arith == "ring":
             raise
@@ -387,25 +388,31 @@ class Fx:
         return Fx(v, self.scale, self.bits, rs if rs is not None or self.rs is None else [None] * len(self.rs))
 
 
-def wide_weights(arch: Arch) -> list[str]:
-    """The weights a wide plan also sets up mod each prime: those of the attention block's linears."""
-    return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *(("res_in",) if arch.residual == "alpha"
-                                                                           else ()))]
+def wide_weights(arch: Arch, route: str = "12") -> list[str]:
+    """The weights a wide plan also sets up mod each prime: those of the attention block's linears (and the
+    8-hop route's masked qkv bias)."""
+    extra = (("res_in",) if arch.residual == "alpha" else ()) + (("qkv.b",) if route == "8" and arch.qkv_bias else ())
+    return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *extra)]
 
 
 def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12") -> dict[str, int]:
-    """The fractional bits of every private weight under ``plan`` (what the setup announces)."""
-    return {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb)
-            for n, _ in weight_names(arch, route)}
+    """The fractional bits of every private weight under ``plan`` (what the setup announces): ``plan.wb``
+    significant bits, but the 8-hop route's qkv bias at the scale of the product it is added to."""
+    out = {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb)
+           for n, _ in weight_names(arch, route)}
+    for n in out:
+        if n.endswith(".qkv.b"):
+            out[n] = plan.a + out[n[:-2]]
+    return out
 
 
-def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any]) -> RingPlan:
+def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12") -> RingPlan:
     """The first plan of :data:`PLAN_ORDER` (Z_2^64 down to :data:`RING_FLOOR`, then the wide plans, then coarser
-    Z_2^64 ones) whose every shared value fits its ring with one bit to spare (a scales-only run of the forward
-    over a prefill and a decode step); RingOverflow if none does."""
+    Z_2^64 ones; the 8-hop route: the wide plans only) whose every shared value fits its ring with one bit to
+    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does."""
     arch = weights.arch
     last: Exception | None = None
-    for plan in PLAN_ORDER:
+    for plan in (WIDE_FRONTIER if route == "8" else PLAN_ORDER):
         ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan))
         try:
             for step in (0, 1):
@@ -678,8 +685,9 @@ class PrivateOps:
     async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value, Value]:
         """norm1 … P·V: the fused 8-hop op in decode when the session's route is "8", else the 12-hop ops.
 
-        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches. Returns
-        (norm output, attention output, residual stream).
+        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches. On the ring the fused op
+        runs the wide plan's encodings (norm1's output through P·V on Z_N). Returns (norm output, attention
+        output, residual stream).
         """
         a, n = self.arch, f"L{i}"
         if self.p is None or self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T):
@@ -687,20 +695,48 @@ class PrivateOps:
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
         mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one)) > 0
+        c = rope_bits(a, self.plan.c) if self.ring else None  # type: ignore[union-attr]
         spec = AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm=a.norm, eps=a.norm_eps,
                         scale=1.0 / math.sqrt(a.head_dim), split=lambda z: split_heads(a, z),
-                        rope=lambda z: rope(a, z, s.pos, s.block), mix=mix)
+                        rope=lambda z, q: rope(a, z, s.pos, s.block, c, q), mix=mix)
         m = AttnMags(x=self._mag(f"{n}.x"), h=self._mag(f"{n}.n1"), h_col=self._col(f"{n}.n1"),
                      h_l2=self._mag(f"{n}.n1|l2"), qkv_col=self._col(f"{n}.qkv"), q=self._mag(f"{n}.q"),
                      q_l2=self._mag(f"{n}.q|l2"), k=self._mag(f"{n}.k"), k_l2=self._mag(f"{n}.k|cols|l2"),
                      v=self._mag(f"{n}.v"), v_l2=self._mag(f"{n}.v|cols|l2"), w=self._mag(f"{n}.w"),
                      w_l2=self._mag(f"{n}.w|l2"), att_col=self._col(f"{n}.att"), q_col=self._col(f"{n}.q"),
                      k_col=self._col(f"{n}.k"), v_col=self._col(f"{n}.v"))
+        enc, outs = None, None
+        if self.ring:
+            enc, outs = self._attention_encs(n, x)
         async with self.p.traced(f"{n}.att8"):
-            h, att = await attention_decode(self.p, f"{n}.att8", x, spec=spec, mags=m, weight=f"{n}.qkv",
-                                            cache_k=f"{self.prefix}{n}.K", cache_v=f"{self.prefix}{n}.V",
-                                            bias_weight=f"{n}.qkv.b" if a.qkv_bias else None, valid=s.valid)
-        return h, att, x
+            h, att, res = await attention_decode(self.p, f"{n}.att8", None if x is None else (x.v if self.ring else x),
+                                                 spec=spec, mags=m, weight=f"{n}.qkv", cache_k=f"{self.prefix}{n}.K",
+                                                 cache_v=f"{self.prefix}{n}.V", enc=enc, valid=s.valid,
+                                                 bias_weight=f"{n}.qkv.b" if a.qkv_bias else None)
+        if outs is None:
+            return (h[0] if h else None), (att[0] if att else None), x
+        fh, fatt, fres = outs
+        wrap = lambda fx, v: fx.with_value(v[0], list(v[1:])) if v else fx  # noqa: E731
+        return wrap(fh, h), wrap(fatt, att), (x if fres is None else wrap(fres, res))
+
+    def _attention_encs(self, n: str, x: Fx) -> tuple[AttnEnc, tuple[Fx, Fx, Fx | None]]:
+        """The fused op's encodings on the ring (the wide plan's, as the 12-hop ops would track them) and its
+        outputs' Fx: norm output, attention output, re-encoded residual (None for ChatGLM's α residual)."""
+        a, plan = self.arch, self.plan
+        if not plan.wide or x.wide:  # type: ignore[union-attr]
+            raise RingOverflow(f"{n}: the 8-hop route on the ring runs the wide plan (plan {plan})")
+        h = self._wide(f"{n}.n1", plan.a)  # type: ignore[union-attr]
+        res = self._wide(f"{n}.x", plan.res) if a.residual != "alpha" else None  # type: ignore[union-attr]
+        qkv = self._wide(f"{n}.qkv", h.scale + self._frac(f"{n}.qkv"))
+        c = rope_bits(a, plan.c)  # type: ignore[union-attr]
+        q, k = self._wide(f"{n}.q", qkv.scale + c), self._wide(f"{n}.k", qkv.scale + c)
+        self._wide(f"{n}.v", qkv.scale)
+        sc = self._wide(f"{n}.s", q.scale + k.scale)
+        pr = self._wide(f"{n}.p", plan.p)  # type: ignore[union-attr]
+        att = self._wide(f"{n}.att", pr.scale + qkv.scale)
+        enc = AttnEnc(x=self._enc(f"{n}.x", x), h=self._enc(f"{n}.n1", h), s=self._enc(f"{n}.s", sc),
+                      p=self._enc(f"{n}.p", pr), res=None if res is None else self._enc(f"{n}.x", res))
+        return enc, (h, att, res)
 
     @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:

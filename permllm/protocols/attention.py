@@ -1,4 +1,4 @@
-"""The 8-hop attention block of a decode step (docs/design.md §3.7).
+"""The 8-hop attention block of a decode step (docs/design.md §3.7; on the ring docs/ring.md).
 
 One op, :func:`attention_decode`, runs norm → qkv linear → heads/RoPE → q·Kᵀ → softmax
 → P·V for one new token (T = 1) against the growing KV cache, in **4 dependent online
@@ -22,21 +22,22 @@ O = K_M − β and O_V = V_M − β_V (β, β_V from s_MH: each row opened once,
 
 Offline (H → M unless said): δ₁ = π₁(x_U) − b₁, γ₁ = π₁⁻¹(a₁) − b₁′ (as a norm); the
 qkv zero-round linear on U's share h_U = b₁′ (U's output share r: q_U, r_k, r_v); the
-**w-linear**, a zero-round linear of U's raw query share q̂_U through W_k (U sends
-q̂_U·D_k + t_w, H sends q̂_U·U_Wk − t_w − r_w, r_w from s_H), so M holds
-w_M = q̂_U·W_k − r_w; H → U: π₁(r_w), K̃ = π₂(K_U + Γ) and Ṽ = π₂(V_U + Γ_V) (Γ, Γ_V from
+**w-linear**, a zero-round linear of q̃_U = q_U·Rᵀ (U's query share through the transpose of
+the new position's rotation R, rope(z) = z·R, so q_U·rope(k̂)ᵀ = q̃_U·k̂ᵀ) through W_k (U sends
+q̃_U·D_k + t_w, H sends q̃_U·U_Wk − t_w − r_w, r_w from s_H), so M holds
+w_M = q̃_U·W_k − r_w; H → U: π₁(r_w), K̃ = π₂(K_U + Γ) and Ṽ = π₂(V_U + Γ_V) (Γ, Γ_V from
 s_MH, fresh per token and head, R times wider than K_U, V_U); η, δ₂, γ₂, η′ below.
 
 Online:
 
 1. M → U: m₁ = π₁(x_M) + δ₁. U: y = norm(m₁ + b₁) = π₁(norm(x)).
 2. U → M: z = y − a₁ and e = ẽ + τ, one entry per key and query head:
-   ẽ_j = q_U·O_jᵀ for cached keys; ẽ_new = π₁(r_w)·zᵀ + q̂_U·D_k·h_Uᵀ (+ q̂_U·D_bkᵀ,
+   ẽ_j = q_U·O_jᵀ for cached keys; ẽ_new = π₁(r_w)·zᵀ + q̃_U·D_k·h_Uᵀ (+ q̃_U·D_bkᵀ,
    the masked k bias). H's η = η̃ − τ − ρ with η̃_j = q_U·β_jᵀ and
-   η̃_new = r_w·γ₁ᵀ + q̂_U·U_Wk·h_Uᵀ − q̂_U·r_kᵀ (+ q̂_U·U_bkᵀ).
+   η̃_new = r_w·γ₁ᵀ + q̃_U·U_Wk·h_Uᵀ − q̃_U·r_kᵀ (+ q̃_U·U_bkᵀ).
    M: h_M = π₁⁻¹(z) + γ₁; q_M, k_M, v_M by the linear; X = e + η (+ w_M·h_Mᵀ on the new
-   key) = q_U·K_Mᵀ − ρ (the new key through k_M = rope(h_M·W_kᵀ + c_k + b_k) and
-   q_U·rope(k)ᵀ = q̂_U·kᵀ: q and the new key share one position).
+   key) = q_U·K_Mᵀ − ρ (the new key through k_M = rope(k̂_M), k̂_M = h_M·W_kᵀ + c_k + b_k,
+   and q_U·rope(k̂_M)ᵀ = q̃_U·k̂_Mᵀ).
 3. M → U: m₂ = π₂(q_M·(K_M − Γ)ᵀ + X) + δ₂ with δ₂ = π₂(q_U·K_Uᵀ + α·(K_U + Γ)ᵀ + ρ) − b₂,
    and q_M − α, k_M,new − β_new, v_M,new − β_V,new (U appends them to O, O_V).
    U: π₂(S) = m₂ + b₂ + (q_M − α)·K̃ᵀ, then P′ = softmax(scale·π₂(S)) in the clear.
@@ -44,22 +45,33 @@ Online:
    − τ′ − r_o, γ₂ = π₂⁻¹(a₂) − b₂′. M: o_M = π₂⁻¹(z′)·(V_M − Γ_V) + γ₂·V_M + e′ + η′
    = P·V − r_o; U's share is r_o (from s_UH).
 
-What each party learns (beyond the public shapes and calibrated magnitudes):
+**On the ring** (docs/ring.md, *The 8-hop route*) the same algebra runs exactly, every mask uniform
+on its ring: the input x on Z_2^64 (M's hop-1 message travels in the bytes its encoding needs),
+everything after the norm on the wide ring Z_N (no truncation, so the w-linear's identity
+q_U·rope(k̂)ᵀ = q̃_U·k̂ᵀ holds exactly with the integer rotation), one *lane* per residue (mod 2^64
+and mod each prime of :mod:`~permllm.protocols.crt`) with its own masks, caches and messages, all
+lanes under the same π₁, π₂. U decodes the norm input and the scores (combining the lanes) and
+encodes the norm output, the probabilities and the residual stream (re-encoded in hop 2, as the
+12-hop norm does) on every lane. Then every message M receives, and every one U receives but the
+two reveals, is uniform whatever the secrets (perfect hiding), and Γ, Γ_V need no width.
+
+What each party learns (beyond the public shapes; on real numbers also the calibrated magnitudes):
 
 * **U** learns π₁(norm input) and π₂(scores) (and so the permuted softmax) in the clear:
   exactly the PermLLM leakage of the 12-hop route. Everything else it receives is
-  masked at ratio R: q_M − α (α hides q, since U knows q_U), the new rows of K_M, V_M
+  masked (on the ring uniformly, on real numbers at ratio R): q_M − α (α hides q, since U knows q_U), the new rows of K_M, V_M
   once (β), π₁(r_w) (a fresh s_H mask: no information on π₁), K̃ and Ṽ (Γ hides U's own
   K_U, V_U at ratio R, fresh per token and query head, so rows cannot be matched to
   its shares, across tokens or across the heads of a group: π₂ stays hidden).
 * **M** receives z (y hidden by a₁), e (hidden by τ), z′ (P′ hidden by a₂), e′ (hidden
-  by τ′), and offline the linear messages and δ₁, γ₁, η, δ₂, γ₂, η′. The sums it can form:
+  by τ′), and offline the linear messages and δ₁, γ₁, η, δ₂, γ₂, η′ (all uniform on the ring). The
+  sums it can form (on real numbers: hidden at ratio R; on the ring each is uniform):
   e + η (+ its own w_M·h_Mᵀ) = q_U·K_Mᵀ − ρ: hidden by ρ, which is R times the
   secret-dependent part q·K_Mᵀ (without ρ, t ≥ head_dim keys give M the equations that
   solve for q_U, i.e. q); adding π₂⁻¹(δ₂) gives q_U·Kᵀ + α·K_Uᵀ + α·Γᵀ − π₂⁻¹(b₂): hidden
   by b₂, R times the secret part; π₂⁻¹(z′) + γ₂ = P − b₂′ (b₂′ hides P); e′ + η′ (+ its
   own terms) = P·V − r_o (r_o hides the output); the w-linear sum w − r_w (r_w hides
-  q̂·W_k).
+  q̃_U·W_k).
 * **H** receives no message at all (it only deals).
 
 Why Γ. The cache persists: if U saw π₂(K_U) itself (the reference design's sketch,
@@ -69,11 +81,11 @@ every key's position in π₂. Fresh Γ per token and query head prevents it (an
 own K_U, which the 12-hop prefill gives U anyway); re-sharing K between M and H every
 token instead would let M average the fresh shares away and learn K.
 
-Precision. U must see the cached keys and values in a fresh order every token without
+Precision (real numbers only). U must see the cached keys and values in a fresh order every token without
 recognising its own shares K_U, V_U, so Γ and Γ_V are R² wide and the products
 (q_M − α)·K̃ᵀ, q_M·Γᵀ, z′·Ṽ and π₂⁻¹(z′)·Γ_V carry R³ magnitudes ("a mask hiding
-a permutation of a mask", docs/design.md §10); the new key's constant q̂_U·D_k·h_Uᵀ
-multiplies two shares through D and needs an R³ pad as well. The cancellation leaves about
+a permutation of a mask", docs/design.md §10); the new key's constant q̃_U·D_k·h_Uᵀ
+multiplies two shares through D and needs an R³ pad as well. The ring has none of this. The cancellation leaves about
 2⁻⁵³·R³ of relative error (float64) instead of the 2⁻⁵³·R² of the 12-hop route: see
 ``bench/attention8_fidelity.py`` (one block) and ``bench/generation.py --routes 12 8``
 (SmolLM2 end to end) for measured numbers. Costs beyond the 12-hop route: offline, H → U
@@ -88,12 +100,13 @@ from typing import Callable
 
 import numpy as np
 
-from . import functions as F
+from . import crt, functions as F, ring
+from .config import RING_BITS
 from .linear import _helper_uw, linear
 from .party import Party, ProtocolError, Role
 from .permute import Perm
 
-__all__ = ["AttnSpec", "AttnMags", "attention_decode"]
+__all__ = ["AttnSpec", "AttnMags", "AttnEnc", "attention_decode"]
 
 _SD = 1.0 / math.sqrt(12.0)  # standard deviation of a uniform mask of width 1
 Split = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -104,9 +117,10 @@ class AttnSpec:
     """Public description of one attention block.
 
     ``split`` maps a (T, qkv_out) array to q (kv, g, T, d), k and v (kv, 1, T, d);
-    ``rope`` is the public rotation of q and k at the new token's position (identity
-    without RoPE; ChatGLM's 2-D rotation works the same). Both are linear, so each
-    party applies them to its own share. ``mix`` (public) says which columns RoPE combines,
+    ``rope(z, q)`` is the public rotation of q and k at the new token's position (identity
+    without RoPE; ChatGLM's 2-D rotation works the same) on a lane's arithmetic (``q``: a residue's
+    prime, 0 the party's own; on the ring the rotation is encoded in fixed point). Both are linear,
+    so each party applies them to its own share. ``mix`` (public) says which columns RoPE combines,
     so that masks can be sized per column.
     """
 
@@ -117,7 +131,7 @@ class AttnSpec:
     eps: float
     scale: float         # softmax scale, 1/√head_dim
     split: Split
-    rope: Callable[[np.ndarray], np.ndarray]
+    rope: Callable[[np.ndarray, int], np.ndarray]
     mix: np.ndarray | None = None   # (d, d) bool: RoPE makes column i from the columns j with mix[j, i]
 
 
@@ -212,16 +226,16 @@ class _W:
                                                                                               m.v_col))
         h_col = np.broadcast_to(np.asarray(m.h_col, dtype=np.float64), (n,))
         self.b1, self.a1, self.b1p = R * m.x, R * m.h, R * h_col
-        self.tw = R * R * scale_w * m.q_l2 * _SD       # hides q̂_U·D_k (secret part q̂·D_k), as in linear
-        self.rw = R * m.w                              # hides q̂·W_k in w_M (uniform: U sees it permuted)
+        self.tw = R * R * scale_w * m.q_l2 * _SD       # hides q̃_U·D_k (secret part q̃·D_k), as in linear
+        self.rw = R * m.w                              # hides q̃·W_k in w_M (uniform: U sees it permuted)
         self.alpha, self.bk, self.bv = R * q_col, R * k_col, R * v_col
         self.gam = R * R * kr                          # (kv, 1, 1, d): hides U's K_U (width R·kr) from U
         self.gamv = R * R * vc                         # (kv, 1, 1, d): hides V_U
         tau_old = R * _l2(q_col * R * (kr + k_col) * _SD)   # q·O_j, O = K_M − β
         tau_new = R * (m.w_l2 * R * m.h * _SD                                      # w·π₁⁻¹(z)
-                       + m.q_l2 * R * scale_w * _SD * R * _SD * _l2(h_col)          # q̂·D_k·h_Mᵀ
-                       + R * _SD * _l2(qc) * R * scale_w * _SD * m.h_l2             # q̂_M·D_k·hᵀ
-                       + m.q_l2 * R * scale_b * _SD)                                # q̂·D_bk
+                       + m.q_l2 * R * scale_w * _SD * R * _SD * _l2(h_col)          # q̃·D_k·h_Mᵀ
+                       + R * _SD * _l2(qc) * R * scale_w * _SD * m.h_l2             # q̃_M·D_k·hᵀ
+                       + m.q_l2 * R * scale_b * _SD)                                # q̃·D_bk
         self.tau = np.array([tau_old] * (t - 1) + [tau_new])
         self.rho = R * _l2(q_col * R * kr * _SD)                                    # q·K_Mᵀ
         self.b2 = R * (_l2(R * (qr + q_col) * _SD * k_col) + _l2(q_col * R * kr * _SD))  # (α − q_M)·Kᵀ + q·K_Mᵀ
@@ -234,9 +248,98 @@ def _norm(spec: AttnSpec, z: np.ndarray) -> np.ndarray:
     return F.rms_norm(z, spec.eps) if spec.norm == "rms" else F.layer_norm(z, spec.eps)
 
 
+@dataclass(frozen=True)
+class AttnEnc:
+    """The op's public ring encodings (docs/ring.md, *The 8-hop route*): U decodes the norm input at ``x``
+    (Z_2^64) and the scores at ``s``, and encodes the norm output at ``h``, the probabilities at ``p`` and,
+    with ``res``, the residual stream re-encoded in the norm's hop (these on Z_N: the op runs the wide ring)."""
+
+    x: ring.Enc
+    h: ring.Enc
+    s: ring.Enc
+    p: ring.Enc
+    res: ring.Enc | None = None
+
+
+class _Lane:
+    """One residue of the op's arithmetic: the party's own (real numbers, or Z_2^64 on the ring) or, on the
+    ring, mod one of :data:`crt.PRIMES` (the wide ring Z_N's other residues). Every lane runs the same
+    algebra; lanes share the permutations, and each has its own masks, caches, weights and messages."""
+
+    __slots__ = ("p", "sfx", "q")
+
+    def __init__(self, p: Party, i: int) -> None:
+        self.q = 0 if i < 0 else crt.PRIMES[i]
+        self.p = p if i < 0 else p.residue(self.q)
+        self.sfx = "" if i < 0 else f"#q{i}"
+
+    def mm(self, a: np.ndarray, b: np.ndarray, tb: bool = False) -> np.ndarray:
+        """a @ b (a @ bᵀ over the last two axes with ``tb``), exact on this lane's ring."""
+        if self.q:
+            return crt.matmul(a, b, self.q, transpose_b=tb)
+        if self.p.ring:
+            return ring.matmul(a, b, RING_BITS, transpose_b=tb)
+        return a @ (np.swapaxes(b, -1, -2) if tb else b)
+
+    def mask(self, which: str, name: str, purpose: str, shape: tuple[int, ...], width: float | np.ndarray) -> np.ndarray:
+        return self.p.mask(which, name + self.sfx, purpose, shape, width)
+
+    def tag(self, name: str, part: str) -> tuple:
+        return self.p.tag("attn8", name + self.sfx, part)
+
+    def modulus(self) -> int | None:
+        return self.q or (2**64 if self.p.ring else None)
+
+    def eye(self, d: int) -> np.ndarray:
+        return np.eye(d, dtype=self.p.dtype)
+
+
+def _lanes(p: Party) -> list[_Lane]:
+    return [_Lane(p, -1)] + ([_Lane(p, i) for i in range(len(crt.PRIMES))] if p.ring else [])
+
+
+def _decode(vals: list[np.ndarray], enc: ring.Enc | None, what: str) -> np.ndarray:
+    """U's clear value from every lane's residue (real numbers: the value itself)."""
+    if enc is None:
+        return vals[0]
+    return crt.decode(vals[0], [crt.reduce(v, q) for v, q in zip(vals[1:], crt.PRIMES)], enc.scale, what, enc.range)
+
+
+def _encode(y: np.ndarray, enc: ring.Enc | None, what: str) -> list[np.ndarray]:
+    """U's clear value as every lane's residue (on Z_N at ``enc``'s scale; real numbers: itself)."""
+    if enc is None:
+        return [y]
+    lo, rs = crt.encode(y, enc.scale, what)
+    return [lo, *rs]
+
+
+def _rope_t(spec: AttnSpec, ln: _Lane, x: np.ndarray) -> np.ndarray:
+    """x·Rᵀ for the rotation R of ``spec.rope`` on this lane (rope(z) = z·R): q_U·rope(k̂)ᵀ = (q_U·Rᵀ)·k̂ᵀ,
+    exact on a ring (R is the integer rotation), the raw query share on real numbers (R orthogonal)."""
+    d = x.shape[-1]
+    R = spec.rope(ln.eye(d)[:, None, :], ln.q)[:, 0, :]  # row j: rope of the j-th unit vector
+    return ln.mm(x, R, tb=True)
+
+
+def _arrays(got: object, shapes: list[tuple[int, ...]], dtype: np.dtype) -> bool:
+    return (isinstance(got, list) and len(got) == len(shapes)
+            and all(isinstance(g, np.ndarray) and g.dtype == dtype and g.shape == s for g, s in zip(got, shapes)))
+
+
+def _m_bias(ln: _Lane, weight: str | None) -> np.ndarray | None:
+    """M's qkv bias on this lane: on a ring set up at the product's scale (an exact integer), as a word or
+    reduced mod q."""
+    if weight is None:
+        return None
+    b = ln.p.weights[weight + ln.sfx].value
+    if ln.q:
+        return crt.reduce(b, ln.q)
+    return b.astype(np.int64).view(np.uint64) if ln.p.ring else b
+
+
 async def attention_decode(p: Party, name: str, x: np.ndarray | None, *, spec: AttnSpec, mags: AttnMags,
                            weight: str, cache_k: str, cache_v: str, bias_weight: str | None = None,
-                           valid: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+                           valid: np.ndarray | None = None, enc: AttnEnc | None = None) -> tuple[list, list, list]:
     """[norm(x)] and [attention(norm(x))] for one new token; 4 online hops (M→U, U→M, M→U, U→M).
 
     ``x`` is this party's share of the layer input (1, hidden) (M passes None offline);
@@ -244,177 +347,272 @@ async def attention_decode(p: Party, name: str, x: np.ndarray | None, *, spec: A
     ``bias_weight`` its bias set up as a masked weight (U and H need their copy for the
     new key's score; M adds the bias itself). ``cache_k``/``cache_v`` name the KV caches
     (shared with :func:`~permllm.protocols.matmul.matmul_shared`). ``valid`` is the public
-    number of keys the row attends to (default: all).
+    number of keys the row attends to (default: all). On the ring ``enc`` gives the public encodings;
+    the op then runs on the wide ring Z_N (the input on Z_2^64): every value but the input is a list of
+    residues, mod 2^64 and mod each of :data:`crt.PRIMES` (one *lane* each).
 
-    Returns (h, o): the norm output share (1, hidden) — needed by residuals that use it —
-    and the attention output share (kv, g, 1, d). U's shares of both are H-derivable.
-    M gets (None, None) offline; the helper gets its derivation of U's shares.
+    Returns (h, o, res), each a list over the lanes: the norm output share (1, hidden), the attention
+    output share (kv, g, 1, d) and, with ``enc.res``, the residual stream re-encoded (else empty). U's shares
+    are H-derivable. M gets ([], [], []) offline; the helper gets its derivation of U's shares.
     See the module docstring for the message flow and what each party learns.
     """
+    if p.ring != (enc is not None):
+        raise ValueError(f"attention {name!r}: the ring needs the op's encodings (and real numbers none)")
     R = p.ratio
+    lanes = _lanes(p)
     KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
     w_qkv = p.weights.get(weight)
-    if w_qkv is None:
-        raise ProtocolError(f"weight {weight!r} was not set up")
+    if w_qkv is None or any(ln.p.weights.get(weight + ln.sfx) is None for ln in lanes):
+        raise ProtocolError(f"weight {weight!r} was not set up (on every residue)")
     n = w_qkv.shape[1]
     scale_w = w_qkv.scale
     scale_b = 0.0
     if bias_weight is not None:
         wb = p.weights.get(bias_weight)
-        if wb is None:
-            raise ProtocolError(f"weight {bias_weight!r} was not set up")
+        if wb is None or any(ln.p.weights.get(bias_weight + ln.sfx) is None for ln in lanes):
+            raise ProtocolError(f"weight {bias_weight!r} was not set up (on every residue)")
+        if enc is not None and wb.frac != enc.h.scale + w_qkv.frac:
+            raise ProtocolError(f"attention {name!r}: the qkv bias is encoded at 2^-{wb.frac}, its product at "
+                                f"2^-{enc.h.scale + w_qkv.frac}")
         scale_b = wb.scale
+    has_res = enc is not None and enc.res is not None
     lin = name + ".qkv"
     lin_kw = dict(mag_in=mags.h, mag_out=mags.qkv_col, l2_in=mags.h_l2)
-    tag = lambda part: p.tag("attn8", name, part)  # noqa: E731
+    base = lanes[0]
+    rg = enc is not None
 
     if p.phase == "offline":
         if p.is_model:
-            await linear(p, lin, None, weight, **lin_kw)
-            wu = await p.recv_array(Role.USER, tag("w"))
-            wh = await p.recv_array(Role.HELPER, tag("w"), wu.shape)
-            corr = await p.recv(Role.HELPER, tag("corr"))
-            if not (isinstance(corr, list) and len(corr) == 6 and all(isinstance(c, np.ndarray) for c in corr)
-                    and corr[2].ndim == 4 and corr[2].shape[:3] == (KV, G, 1)):
-                raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
-            # M's own masks and permutations, drawn now so the online phase only computes.
-            t = corr[2].shape[-1]
-            W = _W(p, spec, mags, t, n, scale_w, scale_b)
-            sh = (KV, G, 1, t)
-            mine = (Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows"),
-                    Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh)),
-                    p.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha),
-                    p.mask("mh", name, "bk", (KV, 1, 1, d), W.bk),
-                    p.mask("mh", name, "bv", (KV, 1, 1, d), W.bv),
-                    p.mask("mh", name, "gam", (KV, G, t, d), W.gam),
-                    p.mask("mh", name, "gamv", (KV, G, t, d), W.gamv))
-            p.keep(name, (wu + wh, corr, mine))
-            return None, None
+            kept = []
+            for ln in lanes:
+                await linear(ln.p, lin + ln.sfx, None, weight + ln.sfx, **lin_kw)
+                wu = await ln.p.recv_array(Role.USER, ln.tag(name, "w"))
+                wh = await ln.p.recv_array(Role.HELPER, ln.tag(name, "w"), wu.shape)
+                corr = await ln.p.recv(Role.HELPER, ln.tag(name, "corr"), modulus=ln.modulus())
+                if not (isinstance(corr, list) and len(corr) == 5 + has_res and all(
+                        isinstance(c, np.ndarray) and c.dtype == ln.p.dtype for c in corr)
+                        and corr[1].ndim == 4 and corr[1].shape[:3] == (KV, G, 1)):
+                    raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
+                t = corr[1].shape[-1]
+                W = _W(p, spec, mags, t, n, scale_w, scale_b)
+                masks = (ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha),
+                         ln.mask("mh", name, "bk", (KV, 1, 1, d), W.bk),
+                         ln.mask("mh", name, "bv", (KV, 1, 1, d), W.bv),
+                         ln.mask("mh", name, "gam", (KV, G, t, d), W.gam),
+                         ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv))
+                kept.append((wu + wh, corr, masks))
+            delta1 = await base.p.recv_array(Role.HELPER, base.tag(name, "d1"), (1, n))
+            # M's permutations, drawn now so the online phase only computes.
+            sh = (KV, G, 1, corr[1].shape[-1])
+            perms = (Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows"),
+                     Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh)))
+            p.keep(name, (kept, delta1, perms))
+            return [], [], []
         if x is None or x.shape != (1, n):
             raise ProtocolError(f"attention {name!r}: decode takes one row of {n} (got {getattr(x, 'shape', None)})")
-        # U's (H-derivable) shares: norm output h_U = b₁′; q, k, v from the linear's r.
-        b1p = p.mask("uh", name, "b1p", (1, n), R * np.asarray(mags.h_col))
-        r = await linear(p, lin, b1p, weight, **lin_kw)
-        q_raw, k_raw, v_u = spec.split(r)
-        q_u, k_u = spec.rope(q_raw), spec.rope(k_raw)
-        KU = _append(p.caches, cache_k + "/bu", k_u)
-        VU = _append(p.caches, cache_v + "/bu", v_u)
-        t = KU.shape[-2]
-        W = _W(p, spec, mags, t, n, scale_w, scale_b)
-        b1 = p.mask("uh", name, "b1", (1, n), W.b1)
-        a1 = p.mask("uh", name, "a1", (1, n), W.a1)
-        Dk = _k_rows(p, weight, spec.split, "dense")                 # U: D_k, H: U_Wk (kv, 1, d, n)
-        yw = q_raw @ Dk                                              # (kv, g, 1, n)
-        tw = p.mask("uh", name, "tw", yw.shape, W.tw)
-        c_new = yw @ b1p.T                                           # q̂_U·D_k·h_Uᵀ (U) / q̂_U·U_Wk·h_Uᵀ (H)
-        if bias_weight is not None:
-            c_new = c_new + q_raw @ _k_rows(p, bias_weight, spec.split, "bias")
-        sh = (KV, G, 1, t)
-        tau = p.mask("uh", name, "tau", sh, W.tau)
-        b2 = p.mask("uh", name, "b2", sh, W.b2)
-        a2 = p.mask("uh", name, "a2", sh, W.a2)
-        b2p = p.mask("uh", name, "b2p", sh, W.b2p)
-        tau2 = p.mask("uh", name, "tau2", (KV, G, 1, d), W.tau2)
-        r_o = p.mask("uh", name, "ro", (KV, G, 1, d), W.ro)
+        pi1 = Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows") if p.is_helper else None
+        b1 = base.mask("uh", name, "b1", (1, n), R * mags.x)
+        hs, ros, ress, kept = [], [], [], []
+        for ln in lanes:
+            # U's (H-derivable) shares: norm output h_U = b₁′; q, k, v from the linear's r.
+            b1p = ln.mask("uh", name, "b1p", (1, n), R * np.asarray(mags.h_col))
+            r = await linear(ln.p, lin + ln.sfx, b1p, weight + ln.sfx, **lin_kw)
+            q_raw, k_raw, v_u = spec.split(r)
+            q_u, k_u = spec.rope(q_raw, ln.q), spec.rope(k_raw, ln.q)
+            KU = _append(p.caches, cache_k + ln.sfx + "/bu", k_u)
+            VU = _append(p.caches, cache_v + ln.sfx + "/bu", v_u)
+            t = KU.shape[-2]
+            W = _W(p, spec, mags, t, n, scale_w, scale_b)
+            a1 = ln.mask("uh", name, "a1", (1, n), W.a1)
+            qt = _rope_t(spec, ln, q_u)                                   # q̃_U = q_U·Rᵀ
+            yw = ln.mm(qt, _k_rows(ln.p, weight + ln.sfx, spec.split, "dense"))  # q̃_U·D_k (U) / q̃_U·U_Wk (H)
+            tw = ln.mask("uh", name, "tw", yw.shape, W.tw)
+            c_new = ln.mm(yw, b1p, tb=True)                               # q̃_U·D_k·h_Uᵀ (U) / q̃_U·U_Wk·h_Uᵀ (H)
+            if bias_weight is not None:
+                c_new = c_new + ln.mm(qt, _k_rows(ln.p, bias_weight + ln.sfx, spec.split, "bias"))
+            sh = (KV, G, 1, t)
+            tau = ln.mask("uh", name, "tau", sh, W.tau)
+            b2 = ln.mask("uh", name, "b2", sh, W.b2)
+            a2 = ln.mask("uh", name, "a2", sh, W.a2)
+            b2p = ln.mask("uh", name, "b2p", sh, W.b2p)
+            tau2 = ln.mask("uh", name, "tau2", (KV, G, 1, d), W.tau2)
+            r_o = ln.mask("uh", name, "ro", (KV, G, 1, d), W.ro)
+            res = (ln.mask("uh", name, "ares", (1, n), R * mags.x), ln.mask("uh", name, "bres", (1, n), R * mags.x)) \
+                if has_res else None
+            hs.append(b1p)
+            ros.append(r_o)
+            if res is not None:
+                ress.append(res[1])
+            if p.is_user:
+                ln.p.send(Role.MODEL, ln.tag(name, "w"), yw + tw)
+                got = await ln.p.recv(Role.HELPER, ln.tag(name, "u"), modulus=ln.modulus())
+                if not _arrays(got, [yw.shape, (KV, G, t, d), (KV, G, t, d)], ln.p.dtype):
+                    raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
+                rw_p, Kt, Vt = got
+                kept.append(_UKept(a1, b1p, q_u, c_new, tau, b2, a2, b2p, tau2, r_o, res, rw_p, Kt, Vt, t))
+                continue
+            # H: every correlation of the op on this lane.
+            rho = ln.mask("uh", name, "rho", sh, W.rho)
+            rw = ln.mask("h", name, "rw", yw.shape, W.rw)
+            ln.p.send(Role.MODEL, ln.tag(name, "w"), yw - tw - rw)
+            gamma1 = pi1.invert(a1) - b1p
+            BK = _append(p.caches, cache_k + ln.sfx + "/beta", ln.mask("mh", name, "bk", k_u.shape, W.bk))
+            BV = _append(p.caches, cache_v + ln.sfx + "/beta", ln.mask("mh", name, "bv", v_u.shape, W.bv))
+            if BK.shape != KU.shape or BV.shape != VU.shape:
+                raise ProtocolError(f"attention {name!r}: helper caches out of step")
+            if ln is base:
+                pi2 = Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh))
+            alpha = ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha)
+            gam = ln.mask("mh", name, "gam", (KV, G, t, d), W.gam)
+            gamv = ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv)
+            KUg = KU + gam
+            ln.p.send(Role.USER, ln.tag(name, "u"), [rw[..., pi1.idx[0]], _gather_rows(pi2, KUg),
+                                                     _gather_rows(pi2, VU + gamv)])
+            eta_old = ln.mm(q_u, BK[..., :t - 1, :], tb=True)
+            eta_new = ln.mm(rw, gamma1, tb=True) + c_new - ln.mm(qt, k_raw, tb=True)
+            eta = np.concatenate([eta_old, eta_new], -1) - tau - rho
+            delta2 = pi2.apply(ln.mm(q_u, KU, tb=True) + ln.mm(alpha, KUg, tb=True) + rho) - b2
+            gamma2 = pi2.invert(a2) - b2p
+            eta2 = ln.mm(b2p, VU + BV) + ln.mm(gamma2, VU) - tau2 - r_o
+            corr = [gamma1, eta, delta2, gamma2, eta2]
+            if res is not None:
+                corr.append(pi1.invert(res[0]) - res[1])
+            ln.p.send(Role.MODEL, ln.tag(name, "corr"), corr)
         if p.is_user:
-            p.send(Role.MODEL, tag("w"), yw + tw)
-            got = await p.recv(Role.HELPER, tag("u"))
-            if not (isinstance(got, list) and len(got) == 3 and all(isinstance(g_, np.ndarray) for g_ in got)
-                    and got[0].shape == yw.shape and got[1].shape == (KV, G, t, d) and got[2].shape == (KV, G, t, d)):
-                raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
-            rw_p, Kt, Vt = got
-            p.keep(name, (b1, a1, b1p, q_u, c_new, tau, b2, a2, b2p, tau2, r_o, rw_p, Kt, Vt, t))
-            return b1p, r_o
-        # H: every correlation of the op.
-        x_u = x
-        rho = p.mask("uh", name, "rho", sh, W.rho)
-        pi1 = Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows")
-        rw = p.mask("h", name, "rw", yw.shape, W.rw)
-        p.send(Role.MODEL, tag("w"), yw - tw - rw)
-        delta1 = pi1.apply(x_u) - b1
-        gamma1 = pi1.invert(a1) - b1p
-        BK = _append(p.caches, cache_k + "/beta", p.mask("mh", name, "bk", k_u.shape, W.bk))
-        BV = _append(p.caches, cache_v + "/beta", p.mask("mh", name, "bv", v_u.shape, W.bv))
-        if BK.shape != KU.shape or BV.shape != VU.shape:
-            raise ProtocolError(f"attention {name!r}: helper caches out of step")
-        pi2 = Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh))
-        alpha = p.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha)
-        gam = p.mask("mh", name, "gam", (KV, G, t, d), W.gam)
-        gamv = p.mask("mh", name, "gamv", (KV, G, t, d), W.gamv)
-        KUg = KU + gam
-        p.send(Role.USER, tag("u"), [rw[..., pi1.idx[0]], _gather_rows(pi2, KUg), _gather_rows(pi2, VU + gamv)])
-        eta_old = q_u @ np.swapaxes(BK[..., :t - 1, :], -1, -2)
-        eta_new = rw @ gamma1.T + c_new - q_raw @ np.swapaxes(k_raw, -1, -2)
-        eta = np.concatenate([eta_old, eta_new], -1) - tau - rho
-        delta2 = pi2.apply(q_u @ np.swapaxes(KU, -1, -2) + alpha @ np.swapaxes(KUg, -1, -2) + rho) - b2
-        gamma2 = pi2.invert(a2) - b2p
-        eta2 = b2p @ (VU + BV) + gamma2 @ VU - tau2 - r_o
-        p.send(Role.MODEL, tag("corr"), [delta1, gamma1, eta, delta2, gamma2, eta2])
-        return b1p, r_o
+            p.keep(name, (b1, kept))
+        else:
+            base.p.send(Role.MODEL, base.tag(name, "d1"), pi1.apply(x) - b1)
+        return hs, ros, ress
 
     if p.phase != "online" or p.is_helper:
         raise ProtocolError(f"attention {name!r}: the {p.role.value} party has no {p.phase} branch")
-
     if p.is_model:
-        if x is None or x.shape != (1, n):
-            raise ProtocolError(f"attention {name!r}: decode takes one row of {n}")
-        w_m, (delta1, gamma1, eta, delta2, gamma2, eta2), (pi1, pi2, alpha, bk, bv, gam, gamv) = p.take(name)
-        p.send(Role.USER, tag("1"), pi1.apply(x) + delta1)                         # hop 1
-        got = await p.recv(Role.USER, tag("2"))                                    # hop 2
-        if not (isinstance(got, list) and len(got) == 2 and all(isinstance(g_, np.ndarray) for g_ in got)
-                and got[0].shape == (1, n) and got[1].shape == eta.shape):
+        return await _model_online(p, name, x, lanes, spec, weight, cache_k, cache_v, bias_weight, enc, lin, lin_kw)
+    return await _user_online(p, name, lanes, spec, weight, cache_k, cache_v, valid, enc, lin, lin_kw)
+
+
+@dataclass(slots=True)
+class _UKept:
+    """What U keeps of one lane's offline phase for the online one."""
+
+    a1: np.ndarray
+    b1p: np.ndarray
+    q_u: np.ndarray
+    c_new: np.ndarray
+    tau: np.ndarray
+    b2: np.ndarray
+    a2: np.ndarray
+    b2p: np.ndarray
+    tau2: np.ndarray
+    r_o: np.ndarray
+    res: tuple[np.ndarray, np.ndarray] | None   # (a_res, b_res′): the residual's reshare masks
+    rw_p: np.ndarray
+    Kt: np.ndarray
+    Vt: np.ndarray
+    t: int
+
+
+async def _model_online(p: Party, name: str, x: np.ndarray | None, lanes: list[_Lane], spec: AttnSpec, weight: str,
+                        cache_k: str, cache_v: str, bias_weight: str | None, enc: AttnEnc | None, lin: str,
+                        lin_kw: dict) -> tuple[list, list, list]:
+    """M's hops 1–4 (module docstring)."""
+    KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
+    n = p.weights[weight].shape[1]
+    if x is None or x.shape != (1, n):
+        raise ProtocolError(f"attention {name!r}: decode takes one row of {n}")
+    kept, delta1, (pi1, pi2) = p.take(name)
+    base = lanes[0]
+    m1 = pi1.apply(x) + delta1
+    base.p.send(Role.USER, base.tag(name, "1"), ring.pack(m1, enc.x.wire) if enc is not None else m1)  # hop 1
+    has_res = enc is not None and enc.res is not None
+    hs, os_, ress = [], [], []
+    for ln, (w_m, corr, (alpha, bk, bv, gam, gamv)) in zip(lanes, kept):
+        gamma1, eta, delta2, gamma2, eta2 = corr[:5]
+        got = await ln.p.recv(Role.USER, ln.tag(name, "2"), modulus=ln.modulus())   # hop 2
+        if not _arrays(got, [(1, n), eta.shape] + [(1, n)] * has_res, ln.p.dtype):
             raise ProtocolError(f"attention {name!r}: bad message from the user")
-        z, e = got
+        z, e = got[:2]
         h_m = pi1.invert(z) + gamma1
-        bias = None if bias_weight is None else p.weights[bias_weight].value
-        qkv_m = await linear(p, lin, h_m, weight, bias=bias, **lin_kw)
+        if has_res:
+            ress.append(pi1.invert(got[2]) + corr[5])
+        qkv_m = await linear(ln.p, lin + ln.sfx, h_m, weight + ln.sfx, bias=_m_bias(ln, bias_weight), **lin_kw)
         q_raw, k_raw, v_m = spec.split(qkv_m)
-        q_m, k_m = spec.rope(q_raw), spec.rope(k_raw)
-        KM = _append(p.caches, cache_k + "/bm", k_m)
-        VM = _append(p.caches, cache_v + "/bm", v_m)
+        q_m, k_m = spec.rope(q_raw, ln.q), spec.rope(k_raw, ln.q)
+        KM = _append(p.caches, cache_k + ln.sfx + "/bm", k_m)
+        VM = _append(p.caches, cache_v + ln.sfx + "/bm", v_m)
         t = KM.shape[-2]
         if eta.shape != (KV, G, 1, t):
             raise ProtocolError(f"attention {name!r}: cache of {t} keys, correlation for {eta.shape[-1]}")
         X = e + eta
-        X[..., -1:] += w_m @ h_m.T
-        at_m = q_m @ np.swapaxes(KM - gam, -1, -2) + X
-        sh = (KV, G, 1, t)
-        p.send(Role.USER, tag("3"), [pi2.apply(at_m) + delta2, q_m - alpha, k_m - bk, v_m - bv])  # hop 3
-        got = await p.recv(Role.USER, tag("4"))                                    # hop 4
-        if not (isinstance(got, list) and len(got) == 2 and all(isinstance(g_, np.ndarray) for g_ in got)
-                and got[0].shape == sh and got[1].shape == eta2.shape):
+        X[..., -1:] += ln.mm(w_m, h_m, tb=True)
+        at_m = ln.mm(q_m, KM - gam, tb=True) + X
+        ln.p.send(Role.USER, ln.tag(name, "3s"), pi2.apply(at_m) + delta2)        # hop 3
+        ln.p.send(Role.USER, ln.tag(name, "3"), [q_m - alpha, k_m - bk, v_m - bv])
+        hs.append(h_m)
+        os_.append((VM, gam, gamv, gamma2, eta2))
+    outs = []
+    for ln, (VM, gam, gamv, gamma2, eta2) in zip(lanes, os_):
+        got = await ln.p.recv(Role.USER, ln.tag(name, "4"), modulus=ln.modulus())   # hop 4
+        if not _arrays(got, [(KV, G, 1, VM.shape[-2]), eta2.shape], ln.p.dtype):
             raise ProtocolError(f"attention {name!r}: bad message from the user")
         z2, e2 = got
-        o_m = pi2.invert(z2) @ (VM - gamv) + gamma2 @ VM + e2 + eta2
-        return h_m, o_m
+        outs.append(ln.mm(pi2.invert(z2), VM - gamv) + ln.mm(gamma2, VM) + e2 + eta2)
+    return hs, outs, ress
 
-    # U online
-    (b1, a1, b1p, q_u, c_new, tau, b2, a2, b2p, tau2, r_o, rw_p, Kt, Vt, t) = p.take(name)
-    await linear(p, lin, b1p, weight, **lin_kw)  # U's share is its offline r (nothing sent)
-    m1 = await p.recv_array(Role.MODEL, tag("1"), (1, n))                          # hop 1
-    z = _norm(spec, m1 + b1) - a1
-    O = p.caches.get(cache_k + "/opened")
-    n_old = 0 if O is None else O.shape[-2]
-    if n_old != t - 1:
-        raise ProtocolError(f"attention {name!r}: {n_old} opened keys, expected {t - 1}")
-    e_old = np.zeros((KV, G, 1, 0), dtype=p.dtype) if O is None else q_u @ np.swapaxes(O, -1, -2)
-    e_new = rw_p @ z.T + c_new
-    p.send(Role.MODEL, tag("2"), [z, np.concatenate([e_old, e_new], -1) + tau])   # hop 2
-    got = await p.recv(Role.MODEL, tag("3"))                                       # hop 3
-    if not (isinstance(got, list) and len(got) == 4 and all(isinstance(g_, np.ndarray) and g_.dtype == p.dtype
-                                                            for g_ in got)
-            and got[0].shape == (KV, G, 1, t) and got[1].shape == (KV, G, 1, d)
-            and got[2].shape == (KV, 1, 1, d) and got[3].shape == (KV, 1, 1, d)):
-        raise ProtocolError(f"attention {name!r}: bad message from the model party")
-    m2, qa, kb, vb = got
-    _append(p.caches, cache_k + "/opened", kb)
-    OV = _append(p.caches, cache_v + "/opened", vb)
-    s_perm = m2 + b2 + qa @ np.swapaxes(Kt, -1, -2)                               # π₂(q·Kᵀ)
+
+async def _user_online(p: Party, name: str, lanes: list[_Lane], spec: AttnSpec, weight: str, cache_k: str,
+                       cache_v: str, valid: np.ndarray | None, enc: AttnEnc | None, lin: str,
+                       lin_kw: dict) -> tuple[list, list, list]:
+    """U's side of hops 1–4: the norm and the softmax in the clear on permuted values."""
+    KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
+    n = p.weights[weight].shape[1]
+    b1, kept = p.take(name)
+    base = lanes[0]
+    for ln, k in zip(lanes, kept):
+        await linear(ln.p, lin + ln.sfx, k.b1p, weight + ln.sfx, **lin_kw)  # U's share is its offline r
+    if enc is None:
+        m1 = await base.p.recv_array(Role.MODEL, base.tag(name, "1"), (1, n))              # hop 1
+        xv = m1 + b1
+    else:
+        m1 = await base.p.recv(Role.MODEL, base.tag(name, "1"), modulus=256, revealed=True)
+        try:
+            v = ring.unpack(m1, enc.x.wire, (1, n), f"attention {name!r}: the model party's message")
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
+        xv = ring.decode(v.astype(np.uint64) + b1, enc.x.scale, enc.x.opened, f"{name!r} input", enc.x.range)
+    ys = _encode(_norm(spec, xv), None if enc is None else enc.h, f"{name!r} output")
+    rs = _encode(xv, enc.res, f"{name!r} residual") if enc is not None and enc.res is not None else None
+    for i, (ln, k) in enumerate(zip(lanes, kept)):
+        O = p.caches.get(cache_k + ln.sfx + "/opened")
+        n_old = 0 if O is None else O.shape[-2]
+        if n_old != k.t - 1:
+            raise ProtocolError(f"attention {name!r}: {n_old} opened keys, expected {k.t - 1}")
+        z = ys[i] - k.a1
+        e_old = np.zeros((KV, G, 1, 0), dtype=ln.p.dtype) if O is None else ln.mm(k.q_u, O, tb=True)
+        e_new = ln.mm(k.rw_p, z, tb=True) + k.c_new
+        msg = [z, np.concatenate([e_old, e_new], -1) + k.tau]
+        if rs is not None:
+            msg.append(rs[i] - k.res[0])
+        ln.p.send(Role.MODEL, ln.tag(name, "2"), msg)                                      # hop 2
+    ss, opened_v = [], []
+    for ln, k in zip(lanes, kept):
+        m2 = await ln.p.recv(Role.MODEL, ln.tag(name, "3s"), modulus=ln.modulus(), revealed=True)  # hop 3
+        got = await ln.p.recv(Role.MODEL, ln.tag(name, "3"), modulus=ln.modulus())
+        if not (_arrays([m2], [(KV, G, 1, k.t)], ln.p.dtype)
+                and _arrays(got, [(KV, G, 1, d), (KV, 1, 1, d), (KV, 1, 1, d)], ln.p.dtype)):
+            raise ProtocolError(f"attention {name!r}: bad message from the model party")
+        qa, kb, vb = got
+        _append(p.caches, cache_k + ln.sfx + "/opened", kb)
+        opened_v.append(_append(p.caches, cache_v + ln.sfx + "/opened", vb))
+        ss.append(m2 + k.b2 + ln.mm(qa, k.Kt, tb=True))                                  # π₂(q·Kᵀ)
+    s_perm = _decode(ss, None if enc is None else enc.s, f"{name!r} scores")
     P = F.softmax(s_perm, None if valid is None else np.broadcast_to(np.asarray(valid), s_perm.shape[:-1]),
                   spec.scale)
-    z2 = P - a2
-    p.send(Role.MODEL, tag("4"), [z2, b2p @ OV + z2 @ Vt + tau2])                  # hop 4
-    return b1p, r_o
+    ps = _encode(P, None if enc is None else enc.p, f"{name!r} probabilities")
+    for ln, k, pv, OV in zip(lanes, kept, ps, opened_v):
+        z2 = pv - k.a2
+        ln.p.send(Role.MODEL, ln.tag(name, "4"), [z2, ln.mm(k.b2p, OV) + ln.mm(z2, k.Vt) + k.tau2])  # hop 4
+    return [k.b1p for k in kept], [k.r_o for k in kept], [] if rs is None else [k.res[1] for k in kept]
 
 
 def _valid(valid: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:

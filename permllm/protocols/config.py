@@ -23,7 +23,7 @@ ROUTES = ("12", "8")
 OFFLINE_MODES = ("dealer", "he")
 # Share arithmetic: "ring" (exact fixed point on Z_2^64, every mask uniform: perfect hiding; docs/ring.md),
 # "float" (real numbers with masks R times a public bound: statistical hiding; docs/design.md §10), or
-# "auto": ring where it is built (the dealt mode on the 12-hop route) and the model's activations fit Z_2^64 at
+# "auto": ring where it is built (the dealt mode, on either route) and the model's activations fit Z_2^64 at
 # float-like precision (model/forward.py, RING_FLOOR), else float — the model party decides in the setup.
 ARITHS = ("auto", "ring", "float")
 RING_BITS = 64
@@ -69,13 +69,13 @@ class ShareConfig:
         if self.arith not in ARITHS:
             raise ValueError(f"share arithmetic must be one of {', '.join(ARITHS)}, not {self.arith!r}")
         if self.arith == "ring" and not self.ring_possible:
-            raise ValueError("ring arithmetic runs in the dealt mode on attention route 12 only (the 8-hop route "
-                             "and the light client still share real numbers): use --arith float or auto")
+            raise ValueError("ring arithmetic runs in the dealt mode only (the light client still shares real "
+                             "numbers): use --arith float or auto")
 
     @property
     def ring_possible(self) -> bool:
-        """Whether this configuration has a ring implementation (the dealt mode on the 12-hop route)."""
-        return self.offline == "dealer" and self.route == "12"
+        """Whether this configuration has a ring implementation (the dealt mode)."""
+        return self.offline == "dealer"
 
     @property
     def np_dtype(self) -> np.dtype:

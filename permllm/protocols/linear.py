@@ -69,11 +69,12 @@ def _uw_chunk(p: Party, name: str, shape: tuple[int, ...], scale: float, i: int,
 
 
 async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
-                       shape: tuple[int, ...] | None = None, sig_bits: int | None = None) -> None:
+                       shape: tuple[int, ...] | None = None, sig_bits: int | None = None,
+                       frac: int | None = None) -> None:
     """Setup phase for one private weight (M passes it; U and H pass nothing, or the ``shape`` they expect).
 
     On the ring M encodes W with :func:`weight_frac` fractional bits (``sig_bits`` significant
-    bits below its public scale) and U_W is uniform on Z_2^64.
+    bits below its public scale), or ``frac`` itself where given, and U_W is uniform on Z_2^64.
 
     Learns: U gets D = W − U_W — on the ring uniform whatever W (perfect hiding), on real
     numbers W hidden by a uniform mask of width R·max|W| — plus the public shape, max|W|
@@ -89,11 +90,13 @@ async def setup_weight(p: Party, name: str, weight: np.ndarray | None = None, *,
         scale = public_scale(W)
         if not math.isfinite(scale):
             raise ValueError(f"weight {name!r} contains inf or nan")
-        frac = 0
-        if p.ring or p.modq:  # W̃ = round(W·2^frac): small signed integers kept as float64, for BLAS
-            if sig_bits is None:
-                raise ValueError(f"weight {name!r}: the ring needs the weights' significant bits")
-            frac = weight_frac(scale, sig_bits)
+        if not (p.ring or p.modq):
+            frac = 0
+        else:  # W̃ = round(W·2^frac): small signed integers kept as float64, for BLAS
+            if frac is None:
+                if sig_bits is None:
+                    raise ValueError(f"weight {name!r}: the ring needs the weights' significant bits")
+                frac = weight_frac(scale, sig_bits)
             W = np.rint(W * 2.0**frac)
         rows = _chunk_rows(W.shape)
         chunks = 0 if light else max(1, -(-W.shape[0] // rows))

@@ -88,7 +88,7 @@ KEYS: tuple[Key, ...] = (
         f"{', '.join(OFFLINE_MODES)}: 'he' is the light client (CKKS products with the model party, no "
         "model-sized state at the user); all three parties must agree", metavar="MODE"),
     Key("arith", str, "auto", "--arith", ALL, f"share arithmetic, one of {', '.join(ARITHS)}: 'ring' is exact "
-        "fixed point on Z_2^64 (perfect hiding; the dealt mode on route 12), 'float' real numbers (statistical "
+        "fixed point on Z_2^64 (perfect hiding; the dealt mode), 'float' real numbers (statistical "
         "hiding); 'auto' takes the ring where the model fits it at float-like precision; all three parties must "
         "agree", metavar="ARITH"),
     Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..model import (Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, setup_embedding, weight_names,
                      weight_shape)
-from ..model.forward import Fx, RingPlan, resolve_arith, wide_weights
+from ..model.forward import Fx, RingPlan, resolve_arith, weight_fracs, wide_weights
 from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols import crt, ring
 from ..protocols.linear import dealt_batch
@@ -190,21 +190,23 @@ class _Party:
                     self.progress("offline", step + 1, g.max_new)
 
     async def setup_weights(self, progress: Progress | None) -> None:
-        names = weight_names(self.arch, self.p.config.route, self.p.config.offline)  # type: ignore[arg-type]
+        route = self.p.config.route
+        names = weight_names(self.arch, route, self.p.config.offline)  # type: ignore[arg-type]
+        fracs = {} if self.plan is None or not self.p.is_model else weight_fracs(self.arch, self.weights, self.plan,
+                                                                                 route)  # type: ignore[arg-type]
         for i, (name, _) in enumerate(names):
             if self.p.is_model:
-                await setup_weight(self.p, name, self.weights[name],  # type: ignore[index]
-                                   sig_bits=None if self.plan is None else self.plan.wb)
+                await setup_weight(self.p, name, self.weights[name], frac=fracs.get(name))  # type: ignore[index]
             else:
                 await setup_weight(self.p, name, shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
             if progress:
                 progress("setup", i + 1, len(names))
         if self.plan is not None and self.plan.wide:  # the attention block's weights mod each prime as well
-            for name in wide_weights(self.arch):  # type: ignore[arg-type]
+            for name in wide_weights(self.arch, route):  # type: ignore[arg-type]
                 for i, q in enumerate(crt.PRIMES):
                     rv = self.p.residue(q)
                     if self.p.is_model:
-                        await setup_weight(rv, f"{name}#q{i}", self.weights[name], sig_bits=self.plan.wb)  # type: ignore[index]
+                        await setup_weight(rv, f"{name}#q{i}", self.weights[name], frac=fracs[name])  # type: ignore[index]
                     else:
                         await setup_weight(rv, f"{name}#q{i}", shape=weight_shape(self.arch, name))  # type: ignore[arg-type]
         await setup_embedding(self.p, self.weights, self.arch)  # type: ignore[arg-type]
@@ -269,7 +271,8 @@ class ModelSession(_Party):
         if not self.mags:
             self.mags = await calibrate(self.weights)
         info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": _config_terms(p)}
-        arith, self.plan = resolve_arith(p.config.arith, p.config.ring_possible, self.weights, self.mags)
+        arith, self.plan = resolve_arith(p.config.arith, p.config.ring_possible, self.weights, self.mags,
+                                         p.config.route)
         p.ring = arith == "ring"
         info["arith"] = arith
         if self.plan is not None:
