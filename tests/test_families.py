@@ -124,6 +124,23 @@ async def test_mistral_sliding_window_matches_transformers(tmp_path, route):
     await _matches(d, m, route)  # the 8-hop route's decode steps are windowed: they take the 12-hop ops
 
 
+async def test_mistral_user_receives_only_the_window_of_scores(tmp_path):
+    """U's revealed softmax inputs hold each row's window only: heads × Σ_rows min(pos + 1, window) entries."""
+    from transformers import MistralConfig, MistralForCausalLM
+    cfg = MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, sliding_window=5,
+                        **_NO_TOKENS)
+    torch.manual_seed(0)
+    d = tmp_path / "mistral"
+    MistralForCausalLM(cfg).save_pretrained(d)
+    async with await permllm.local(load_model(str(d)), transcript=tmp_path / "t") as s:
+        [t async for t in s.generate_ids(PROMPT, 3)]
+    index = json.loads((tmp_path / "t" / "user" / "index.json").read_text())
+    got = [len(np.load(tmp_path / "t" / "user" / e["file"])) for e in index if e["tag"][:2] == ["perm", "L0.p"]]
+    rows = [range(9), [9], [10]]  # the prefill's positions, then one per decode step
+    assert got == [4 * sum(min(p + 1, 5) for p in r) for r in rows] == [140, 20, 20]
+
+
 def _phi3(tmp_path, **kw):
     from transformers import Phi3Config, Phi3ForCausalLM
     cfg = Phi3Config(vocab_size=300, hidden_size=60, intermediate_size=72, num_hidden_layers=2,
