@@ -1,7 +1,7 @@
 """Architecture description: the one public description of a model all parties use.
 
-An :class:`Arch` holds every dimension and switch (norm, activation, positions,
-residual form, GQA, tied head). With a :class:`ModelWeights` (the model party's
+An :class:`Arch` holds every dimension and switch (norm, activation, positions and their
+RoPE frequencies, sliding windows, residual form, GQA, tied head). With a :class:`ModelWeights` (the model party's
 prepared weights) it drives the plaintext reference and the private forward of
 all three parties. The description itself is public: the user and the helper
 receive it in the setup phase.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -43,6 +43,12 @@ class Arch:
     o_bias: bool = False
     mlp_bias: bool = False
     eos_ids: tuple[int, ...] = field(default=())
+    # RoPE frequencies computed by transformers (scaled RoPE: linear, llama3, YaRN, longrope; partial
+    # rotary): the inverse frequency of each rotated pair; the first 2·len dims of a head rotate, the rest
+    # pass through. Empty: rope_theta's default over the whole head.
+    rope_freqs: tuple[float, ...] = field(default=())
+    rope_factor: float = 1.0    # the attention factor on cos and sin (YaRN, longrope): scores scale by its square
+    windows: tuple[int, ...] = field(default=())   # per layer: sliding attention window (0: none); empty: none
 
     def __post_init__(self) -> None:
         checks = {
@@ -53,6 +59,8 @@ class Arch:
             "residual": self.residual in ("pre", "alpha"),
             "heads": self.heads > 0 and self.kv_heads > 0 and self.heads % self.kv_heads == 0,
             "dims": min(self.vocab, self.hidden, self.layers, self.head_dim, self.ffn, self.max_positions) > 0,
+            "rope_freqs": 2 * len(self.rope_freqs) <= self.head_dim and self.rope_factor > 0,
+            "windows": len(self.windows) in (0, self.layers) and all(w >= 0 for w in self.windows),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -72,20 +80,38 @@ class Arch:
         """ChatGLM's residual scale sqrt(2·layers)."""
         return math.sqrt(2.0 * self.layers)
 
+    @property
+    def score_scale(self) -> float:
+        """The softmax's scale of q·kᵀ: 1/sqrt(head_dim), times the square of RoPE's attention factor
+        (transformers scales both cos and sin by it, so q and k each carry it once)."""
+        return self.rope_factor ** 2 / math.sqrt(self.head_dim)
+
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding attention window (0: it attends to the whole causal prefix)."""
+        return self.windows[layer] if self.windows else 0
+
     def to_dict(self) -> dict:
+        """A JSON-ready description; the optional fields at their defaults are left out, so a model without
+        them keeps the description (and fingerprint) it had before they existed."""
         d = asdict(self)
-        d["eos_ids"] = list(self.eos_ids)
-        return d
+        for k in _OPTIONAL:
+            if d[k] == _DEFAULTS[k]:
+                del d[k]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Arch":
         try:
-            return cls(**{**d, "eos_ids": tuple(d.get("eos_ids", ()))})
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
         except TypeError as e:
             raise ValueError(f"not an architecture description: {e}") from None
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_OPTIONAL = ("rope_freqs", "rope_factor", "windows")
+_DEFAULTS = {f.name: f.default for f in fields(Arch)}
 
 
 @dataclass

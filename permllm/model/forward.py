@@ -31,7 +31,7 @@ from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnEnc, AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
-from .layout import merge_heads, positions, rope, rope_bits, split_heads, valid_lengths
+from .layout import merge_heads, positions, rope, rope_bits, shift_rows, split_heads, valid_lengths, window_starts
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
@@ -164,8 +164,12 @@ async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Valu
     v = ops.note(f"{n}.v", v)
     keys = s.past + T
     sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
-    pr = await ops.softmax(f"{n}.p", sc, s.valid, 1.0 / math.sqrt(a.head_dim), f"{n}.s",
-                           (a.kv_heads, a.group, T, keys))
+    start = window_starts(a, i, s.valid)
+    if start.any():  # a sliding window: each row's keys [start, valid) become its prefix (a public shift)
+        sc = ops.local(lambda z: shift_rows(z, start), sc)
+    pr = await ops.softmax(f"{n}.p", sc, s.valid - start, a.score_scale, f"{n}.s", (a.kv_heads, a.group, T, keys))
+    if start.any():
+        pr = ops.local(lambda z: shift_rows(z, -start), pr)
     att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
     return h, att, x
 
@@ -690,14 +694,15 @@ class PrivateOps:
         output, residual stream).
         """
         a, n = self.arch, f"L{i}"
-        if self.p is None or self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T):
+        if (self.p is None or self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
+                or window_starts(a, i, s.valid).any()):
             # The fused op reveals every score of its row: only a step that attends to all keys takes it.
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
         mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one)) > 0
         c = rope_bits(a, self.plan.c) if self.ring else None  # type: ignore[union-attr]
         spec = AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm=a.norm, eps=a.norm_eps,
-                        scale=1.0 / math.sqrt(a.head_dim), split=lambda z: split_heads(a, z),
+                        scale=a.score_scale, split=lambda z: split_heads(a, z),
                         rope=lambda z, q: rope(a, z, s.pos, s.block, c, q), mix=mix)
         m = AttnMags(x=self._mag(f"{n}.x"), h=self._mag(f"{n}.n1"), h_col=self._col(f"{n}.n1"),
                      h_l2=self._mag(f"{n}.n1|l2"), qkv_col=self._col(f"{n}.qkv"), q=self._mag(f"{n}.q"),

@@ -1,8 +1,9 @@
 """Public, position-dependent linear maps of the attention block.
 
 Splitting the fused QKV output into heads, merging heads back, rotary position
-embeddings (1-D rotate-half as in LLaMA; ChatGLM's 2-D variant), and the
-per-row attention masks. Every map here is linear and public, so each party
+embeddings (1-D rotate-half as in LLaMA, with transformers' scaled frequencies and
+partial rotary; ChatGLM's 2-D variant), and the per-row attention masks (causal, and
+sliding windows). Every map here is linear and public, so each party
 applies it to its own share locally (no message), and the user's share stays
 helper-derivable.
 """
@@ -12,7 +13,8 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "rope", "rope_bits", "positions", "valid_lengths"]
+__all__ = ["split_heads", "merge_heads", "rope", "rope_bits", "positions", "valid_lengths", "window_starts",
+           "shift_rows"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,27 +32,40 @@ def merge_heads(arch: Arch, o: np.ndarray) -> np.ndarray:
     return o.transpose(2, 0, 1, 3).reshape(T, arch.heads * arch.head_dim)
 
 
-def _rotate(x: np.ndarray, pos: np.ndarray, theta: float, frac: int | None, q: int = 0) -> np.ndarray:
-    """Rotate-half RoPE over the last axis of x (…, T, d) at positions ``pos`` (T,).
+def _tables(arch: Arch, d: int, pos: np.ndarray, inv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (T, r) of the rotation at positions ``pos``, r = 2·len(inv) (``inv``: the inverse
+    frequencies; by default rope_theta's over all d). RoPE's attention factor is not in them: it scales
+    the scores (:attr:`Arch.score_scale`), so the rotation keeps every norm."""
+    if inv is None:
+        inv = 1.0 / arch.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
+    ang = np.concatenate([ang, ang], -1)
+    return np.cos(ang), np.sin(ang)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, frac: int | None, q: int = 0) -> np.ndarray:
+    """Rotate-half RoPE over the first r dims of the last axis of x (…, T, d) with the tables (T, r) of
+    :func:`_tables`; the other d − r dims pass through (partial rotary).
 
     With ``frac`` (ring words): cos and sin encoded as round(·2^frac), so the result is exact
-    mod 2^64 at ``frac`` more fractional bits (a public linear map of each share).
+    mod 2^64 at ``frac`` more fractional bits (a public linear map of each share); the pass-through
+    dims are multiplied by 2^frac, the encoding of 1.
     """
-    d = x.shape[-1]
-    inv = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    ang = np.asarray(pos, dtype=np.float64)[:, None] * inv[None, :]
-    cos = np.cos(np.concatenate([ang, ang], -1))
-    sin = np.sin(np.concatenate([ang, ang], -1))
     if frac is None:
-        cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+        cos, sin, one = cos.astype(x.dtype), sin.astype(x.dtype), None
     elif q:  # a residue mod q (float64 integers): integer cosines, reduced so every product stays exact
         cos, sin = (np.rint(t * 2.0**frac) for t in (cos, sin))
-        x = np.mod(x, float(q))
+        x, one = np.mod(x, float(q)), 2.0**frac
     else:
         cos, sin = (np.rint(t * 2.0**frac).astype(np.int64).view(np.uint64) for t in (cos, sin))
-    half = d // 2
-    rot = np.concatenate([-x[..., half:], x[..., :half]], -1)
-    out = x * cos + rot * sin
+        one = np.uint64(1 << frac)
+    r = cos.shape[-1]
+    half = r // 2
+    xr = x[..., :r]
+    out = xr * cos + np.concatenate([-xr[..., half:], xr[..., :half]], -1) * sin
+    if r < x.shape[-1]:
+        rest = x[..., r:]
+        out = np.concatenate([out, rest if one is None else rest * one], -1)
     return np.mod(out, float(q)) if q else out
 
 
@@ -60,11 +75,12 @@ def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None, f
     words (or, with ``q``, residues mod q), the fractional bits of the encoded rotation (the result's scale
     grows by them)."""
     if arch.pos == "rope":
-        return _rotate(x, pos, arch.rope_theta, frac, q)
+        inv = np.asarray(arch.rope_freqs, dtype=np.float64) if arch.rope_freqs else None
+        return _rotate(x, *_tables(arch, x.shape[-1], pos, inv), frac, q)
     if arch.pos == "rope2d":
         h = x.shape[-1] // 2
-        return np.concatenate([_rotate(x[..., :h], pos, arch.rope_theta, frac, q),
-                               _rotate(x[..., h:], block, arch.rope_theta, frac, q)], -1)
+        return np.concatenate([_rotate(x[..., :h], *_tables(arch, h, pos), frac, q),
+                               _rotate(x[..., h:], *_tables(arch, h, block), frac, q)], -1)
     return x
 
 
@@ -92,3 +108,21 @@ def valid_lengths(arch: Arch, T: int, past: int) -> np.ndarray:
     if arch.prefix_bidirectional and past == 0:
         return np.full(T, T, dtype=np.int64)
     return past + np.arange(1, T + 1, dtype=np.int64)
+
+
+def window_starts(arch: Arch, layer: int, valid: np.ndarray) -> np.ndarray:
+    """Per new row, the first key it attends to in layer ``layer``: 0, or with a sliding window w the row
+    attends to keys [valid − w, valid) (transformers: key > query − w)."""
+    w = arch.window(layer)
+    return np.maximum(valid - w, 0) if w else np.zeros_like(valid)
+
+
+def shift_rows(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """x (…, T, n) with row t's columns rotated left by ``shift[t]``: entry j is column (j + shift[t]) mod n.
+
+    A public permutation of each share: it moves a row's window [start, end) of keys to the front, so the
+    permuted softmax sees it as the row's valid prefix (and nothing of the keys outside it).
+    """
+    n = x.shape[-1]
+    idx = (np.arange(n)[None, :] + np.asarray(shift)[:, None]) % n
+    return np.take_along_axis(x, np.broadcast_to(idx, x.shape), -1)

