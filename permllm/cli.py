@@ -17,7 +17,7 @@ __all__ = ["main"]
 def _config(args: argparse.Namespace) -> Any:
     from .protocols import DEFAULT_RATIO, ShareConfig
 
-    return ShareConfig(args.dtype, args.ratio or DEFAULT_RATIO, getattr(args, "route", None) or "12",
+    return ShareConfig(args.dtype, args.ratio or DEFAULT_RATIO, getattr(args, "route", None) or "auto",
                        arith=getattr(args, "arith", None) or "auto")
 
 
@@ -203,8 +203,8 @@ def _share_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_arg, default="float64",
                    help="share dtype: float64, mask ratio 2^12 (float32 is refused: its masks do not hide the inputs)")
     p.add_argument("--ratio", type=float, default=None, help="mask ratio R (default 2^12)")
-    p.add_argument("--route", choices=["12", "8"], default="12",
-                   help="attention route in decode: 12 or 8 online hops per layer")
+    p.add_argument("--route", choices=["auto", "12", "8"], default="auto",
+                   help="attention route in decode: 12 or 8 online hops per layer (auto: 8 unless --arith float)")
     p.add_argument("--arith", choices=["auto", "ring", "float"], default="auto",
                    help="share arithmetic: ring (exact on Z_2^64, perfect hiding), float (real numbers), auto")
 

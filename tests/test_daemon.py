@@ -140,7 +140,7 @@ async def test_daemon_with_another_roles_certificate_is_refused(dep, tmp_path):
 
 
 @pytest.mark.parametrize("over, pattern", [
-    ({"route": "8"}, r"route: this party \(model\) has '12', peer .* \(user\) has '8'"),
+    ({"route": "12"}, r"route: this party \(model\) has '8', peer .* \(user\) has '12'"),
     ({"ratio": 1024.0}, r"ratio: this party \(model\) has 4096.0, peer .* \(user\) has 1024.0"),
     ({"model_fingerprint": "0" * 32}, r"model: this party \(model\) has '[0-9a-f]{32}', peer .* \(user\) has '0{32}'"),
 ])

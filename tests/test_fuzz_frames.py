@@ -261,7 +261,7 @@ class Fuzzer:
             del h[r.choice(list(h))]
         elif field == "terms":
             h["terms"] = r.choice([[1, 2], {"dtype": "float32"}, {"ratio": 2.0}, {3: 4}, "x", {"model": "0" * 32},
-                                   {**h["terms"], "route": "8"}, {}])
+                                   {**h["terms"], "route": "12" if h["terms"].get("route") == "8" else "8"}, {}])
         elif field == "session":
             h["session"] = r.choice(["", "probe", "x" * 200, "ABCD" * 8, 12, None, "a" * 31])
         elif field == "role":

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ShareConfig", "DEFAULT_RATIO", "DTYPES", "ROUTES", "OFFLINE_MODES", "ARITHS", "RING_BITS", "FLOAT32_REFUSED",
+__all__ = ["ShareConfig", "DEFAULT_RATIO", "DTYPES", "ROUTES", "ROUTE_CHOICES", "OFFLINE_MODES", "ARITHS", "RING_BITS", "FLOAT32_REFUSED",
            "check_dtype"]
 
 DEFAULT_RATIO = 2.0**12
 DTYPES = ("float64",)
 ROUTES = ("12", "8")
+ROUTE_CHOICES = ("auto", *ROUTES)  # "auto": 8 where it runs on the ring (the dealt mode, not --arith float), else 12
 OFFLINE_MODES = ("dealer", "he")
 # Share arithmetic: "ring" (exact fixed point on Z_2^64, every mask uniform: perfect hiding; docs/ring.md),
 # "float" (real numbers with masks R times a public bound: statistical hiding; docs/design.md §10), or
@@ -48,8 +49,10 @@ class ShareConfig:
     dtype: str = "float64"
     ratio: float = DEFAULT_RATIO
     # Attention route in decode: "12" (norm, q·Kᵀ, softmax and P·V as separate ops: 12 online
-    # hops per layer) or "8" (the fused op of protocols/attention.py: 8 hops per layer).
-    route: str = "12"
+    # hops per layer) or "8" (the fused op of protocols/attention.py: 8 hops per layer); "auto" becomes
+    # "8" in the dealt mode unless the arithmetic is "float" (whose 8-hop route carries R³ magnitudes,
+    # docs/design.md §10), else "12".
+    route: str = "auto"
     # Offline phase of the linear layers: "dealer" (U holds the masked weights W − U_W, H deals)
     # or "he" (the light client: CKKS products with M, no model-sized state at U; protocols/he_matmul.py).
     offline: str = "dealer"
@@ -57,6 +60,8 @@ class ShareConfig:
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        if self.route == "auto":
+            object.__setattr__(self, "route", "8" if self.offline == "dealer" and self.arith != "float" else "12")
         if self.route not in ROUTES:
             raise ValueError(f"attention route must be one of {', '.join(ROUTES)}, not {self.route!r}")
         if not self.ratio >= 1.0:

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 from ..net.tls import client_context, server_context
 from ..protocols import DEFAULT_RATIO, ShareConfig
-from ..protocols.config import ARITHS, DTYPES, OFFLINE_MODES, ROUTES, check_dtype
+from ..protocols.config import ARITHS, DTYPES, OFFLINE_MODES, ROUTE_CHOICES, check_dtype
 
 __all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help",
            "dtype_arg"]
@@ -82,8 +82,9 @@ KEYS: tuple[Key, ...] = (
     Key("dtype", str, "float64", "--dtype", ALL, f"share dtype, one of {', '.join(DTYPES)} (float32 is refused: "
         "its masks do not hide the inputs); all three parties must agree", metavar="DTYPE"),
     Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default 2^12); all three parties must agree"),
-    Key("route", str, "12", "--route", ALL, f"attention route in decode, one of {', '.join(ROUTES)} (online hops "
-        "per layer); all three parties must agree", metavar="ROUTE"),
+    Key("route", str, "auto", "--route", ALL, f"attention route in decode, one of {', '.join(ROUTE_CHOICES)} (online "
+        "hops per layer; auto: 8 in the dealt mode unless --arith float, else 12); all three parties must agree",
+        metavar="ROUTE"),
     Key("offline", str, "dealer", "--offline", ALL, f"offline phase of the linear layers, one of "
         f"{', '.join(OFFLINE_MODES)}: 'he' is the light client (CKKS products with the model party, no "
         "model-sized state at the user); all three parties must agree", metavar="MODE"),
@@ -179,8 +180,8 @@ def _check(key: Key, value: Any, where: str) -> Any:
             check_dtype(value)
         except ValueError as e:
             raise ConfigError(f"{where}: dtype: {e}") from None
-    if key.name == "route" and value not in ROUTES:
-        raise ConfigError(f"{where}: route must be one of {', '.join(ROUTES)}, got {value!r}")
+    if key.name == "route" and value not in ROUTE_CHOICES:
+        raise ConfigError(f"{where}: route must be one of {', '.join(ROUTE_CHOICES)}, got {value!r}")
     if key.name == "arith" and value not in ARITHS:
         raise ConfigError(f"{where}: arith must be one of {', '.join(ARITHS)}, got {value!r}")
     if key.name == "offline" and value not in OFFLINE_MODES:
@@ -267,7 +268,7 @@ def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str], serve: boo
         else:
             parser.add_argument(k.flag, dest=dest, type=dtype_arg if k.name == "dtype" else k.type, default=None,
                                 metavar=k.metavar or k.type.__name__.upper(),
-                                choices={"route": list(ROUTES), "offline": list(OFFLINE_MODES),
+                                choices={"route": list(ROUTE_CHOICES), "offline": list(OFFLINE_MODES),
                                          "arith": list(ARITHS)}.get(k.name),
                                 help=k.help)
 
