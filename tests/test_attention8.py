@@ -258,7 +258,7 @@ async def test_routes_must_agree():
     from permllm.runtime.session import HelperSession, ModelSession, UserSession
     from permllm.runtime import gather_fail_fast
     lm, _ = _reduced_chatglm()
-    trio = await local_trio("memory", ShareConfig(), seeds=False)
+    trio = await local_trio("memory", ShareConfig(route="12"), seeds=False)
     trio.user.config = ShareConfig(route="8")
     try:
         with pytest.raises(ProtocolError, match="attention route"):

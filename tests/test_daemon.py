@@ -235,12 +235,13 @@ def test_kill_user_mid_generation(dep):
     user.stderr.close()
     assert out.count(b" ") >= 3, "the user printed no tokens before the kill"
     assert [int(t) for t in out.split()[:3]] == greedy(dep, [5, 17, 42], 3)
-    m = dep.model.wait_log(r"session ([0-9a-f]{32}): ended: PeerClosed: peer '[^']+' closed the connection",
-                           start=m_start)
+    m = dep.model.wait_log(r"session ([0-9a-f]{32}): ended: PeerClosed: (peer '[^']+' closed the connection|"
+                           r"connection to peer '[^']+' was lost)", start=m_start)
     sid = m.group(1)
     # The helper learns it from its own link to the user or from the model party's abort, whichever comes first.
-    dep.helper.wait_log(f"session {sid}: ended: (PeerClosed: peer '[^']+' closed the connection|PeerAborted: peer "
-                        f"'model' ended the session: the model party ended session {sid}: PeerClosed)", start=h_start)
+    dep.helper.wait_log(f"session {sid}: ended: (PeerClosed: peer '[^']+' closed the connection|PeerClosed: "
+                        f"connection to peer '[^']+' was lost \\(.*\\)|PeerAborted: peer '[^']+' ended the session: "
+                        f"the model party ended session {sid}: PeerClosed)", start=h_start)
     dep.model.wait_log(r"\(0 active\)", start=m_start)
     dep.helper.wait_log(r"\(0 active\)", start=h_start)
     assert dep.model.alive() and dep.helper.alive()

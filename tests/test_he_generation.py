@@ -41,7 +41,8 @@ async def test_light_llama_matches_transformers_and_holds_no_weights(tmp_path):
         again = [t async for t in s.generate_ids(prompt[:3], 5)]  # a second generation in the same session
     assert ids == hf_greedy(hf, prompt, 12)
     assert again == hf_greedy(hf, prompt[:3], 5)
-    async with await permllm.local(lm) as s:  # the dealt mode: its exact ring lookup adds the lift's 2 hops a step
+    async with await permllm.local(lm, config=ShareConfig(route="12")) as s:
+        # the dealt mode on the light client's route: its exact ring lookup adds the lift's 2 hops a step
         assert [t async for t in s.generate_ids(prompt, 12)] == ids
         assert s.last.online_hops == hops + 2 * 12
 

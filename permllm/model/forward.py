@@ -694,7 +694,7 @@ class PrivateOps:
         output, residual stream).
         """
         a, n = self.arch, f"L{i}"
-        if (self.p is None or self.p.config.route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
+        if (self.p is None or self.p.config.attention_route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
                 or window_starts(a, i, s.valid).any()):
             # The fused op reveals every score of its row: only a step that attends to all keys takes it.
             return await attention_block(self, a, i, x, s)

@@ -305,6 +305,10 @@ async def tcp_serve(
         transport = TcpTransport(reader, writer, peer=peer, max_frame=max_frame)
         try:
             await on_transport(transport)
+        except asyncio.CancelledError:
+            # The server is shutting down (the handler logged why). End this task quietly: Python 3.11's
+            # stream callback would log the cancellation of its task as an error with a traceback.
+            writer.close()
         except Exception:
             log.exception("connection handler for peer %r failed", transport.peer)
             await transport.close()

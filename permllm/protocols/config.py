@@ -60,15 +60,13 @@ class ShareConfig:
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
-        if self.route == "auto":
-            object.__setattr__(self, "route", "8" if self.offline == "dealer" and self.arith != "float" else "12")
-        if self.route not in ROUTES:
-            raise ValueError(f"attention route must be one of {', '.join(ROUTES)}, not {self.route!r}")
+        if self.route not in ROUTE_CHOICES:
+            raise ValueError(f"attention route must be one of {', '.join(ROUTE_CHOICES)}, not {self.route!r}")
         if not self.ratio >= 1.0:
             raise ValueError(f"mask ratio must be >= 1, not {self.ratio!r}")
         if self.offline not in OFFLINE_MODES:
             raise ValueError(f"offline mode must be one of {', '.join(OFFLINE_MODES)}, not {self.offline!r}")
-        if self.offline == "he" and self.route != "12":
+        if self.offline == "he" and self.route == "8":
             raise ValueError("the light client (offline 'he') needs attention route 12 "
                              "(the 8-hop route uses the user's masked key weights)")
         if self.arith not in ARITHS:
@@ -76,6 +74,13 @@ class ShareConfig:
         if self.arith == "ring" and not self.ring_possible:
             raise ValueError("ring arithmetic runs in the dealt mode only (the light client still shares real "
                              "numbers): use --arith float or auto")
+
+    @property
+    def attention_route(self) -> str:
+        """The decode route this configuration runs, "12" or "8" ("auto" resolved)."""
+        if self.route != "auto":
+            return self.route
+        return "8" if self.offline == "dealer" and self.arith != "float" else "12"
 
     @property
     def ring_possible(self) -> bool:

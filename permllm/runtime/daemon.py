@@ -256,7 +256,7 @@ class ModelDaemon(_Daemon):
         fp = await asyncio.to_thread(weights_fingerprint, lm.weights, config, mags)
         a = lm.arch
         log.info("model %s: %s, %d layers, hidden %d, vocab %d; shares %s at ratio %g, route %s; fingerprint %s",
-                 lm.source, a.family, a.layers, a.hidden, a.vocab, config.dtype, config.ratio, config.route, fp)
+                 lm.source, a.family, a.layers, a.hidden, a.vocab, config.dtype, config.ratio, config.attention_route, fp)
         return cls(cfg, lm, mags, fp)
 
     async def _connect_helper(self, sid: str, meter: Meter) -> Channel:

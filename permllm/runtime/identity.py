@@ -31,6 +31,7 @@ def share_terms(config: ShareConfig) -> dict[str, Any]:
     """The handshake terms every party states: the share configuration (dtype, mask ratio, attention route)."""
     terms = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     terms["ratio"] = float(terms["ratio"])
+    terms["route"] = config.attention_route  # "auto" and the route it stands for agree
     return terms
 
 
@@ -50,7 +51,7 @@ def model_fingerprint(arch: Arch, config: ShareConfig, weights: Mapping[str, tup
 def weights_fingerprint(weights: ModelWeights, config: ShareConfig, mags: Mapping[str, Any]) -> str:
     """The model party's fingerprint, from its weights (each weight's scale as the setup computes it)."""
     meta = {}
-    for name, _ in weight_names(weights.arch, config.route, config.offline):
+    for name, _ in weight_names(weights.arch, config.attention_route, config.offline):
         w = np.asarray(weights[name], dtype=np.float64)
         meta[name] = (w.shape, public_scale(w))
     if config.offline != "he":
@@ -60,7 +61,7 @@ def weights_fingerprint(weights: ModelWeights, config: ShareConfig, mags: Mappin
 
 def received_fingerprint(p: Party, arch: Arch, mags: Mapping[str, Any]) -> str:
     """The fingerprint of the setup the user or the helper received (after its setup phase)."""
-    names = [n for n, _ in weight_names(arch, p.config.route, p.config.offline)]
+    names = [n for n, _ in weight_names(arch, p.config.attention_route, p.config.offline)]
     names += [RING_TABLE] if p.config.offline != "he" else []
     meta = {name: (p.weights[name].shape, p.weights[name].scale) for name in names}
     return model_fingerprint(arch, p.config, meta, mags)

@@ -190,7 +190,7 @@ class _Party:
                     self.progress("offline", step + 1, g.max_new)
 
     async def setup_weights(self, progress: Progress | None) -> None:
-        route = self.p.config.route
+        route = self.p.config.attention_route
         names = weight_names(self.arch, route, self.p.config.offline)  # type: ignore[arg-type]
         fracs = {} if self.plan is None or not self.p.is_model else weight_fracs(self.arch, self.weights, self.plan,
                                                                                  route)  # type: ignore[arg-type]
@@ -272,7 +272,7 @@ class ModelSession(_Party):
             self.mags = await calibrate(self.weights)
         info = {"arch": self.arch.to_dict(), "mags": self.mags, "config": _config_terms(p)}
         arith, self.plan = resolve_arith(p.config.arith, p.config.ring_possible, self.weights, self.mags,
-                                         p.config.route)
+                                         p.config.attention_route)
         p.ring = arith == "ring"
         info["arith"] = arith
         if self.plan is not None:
@@ -348,7 +348,7 @@ class HelperSession(_Party):
 
 def _config_terms(p: Party) -> list:
     """What all three parties must agree on: share dtype, mask ratio, attention route, offline mode, arithmetic."""
-    return [p.config.dtype, p.config.ratio, p.config.route, p.config.offline, p.config.arith]
+    return [p.config.dtype, p.config.ratio, p.config.attention_route, p.config.offline, p.config.arith]
 
 
 def _read_info(info: object, p: Party) -> tuple[Arch, dict[str, float | np.ndarray], RingPlan | None]:
