@@ -209,7 +209,11 @@ def test_crt_residues_are_exact():
                           np.array([int(v) % crt.PRIMES[1] for v in big.astype(np.int64)], dtype=float))
     w = rng.integers(-2**18, 2**18, size=(40, 24)).astype(float)
     xw = rng.integers(0, 2**63, size=(5, 24), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
-    assert np.array_equal(ring.matmul_small(xw, w, True), ring.matmul(xw, w.astype(np.int64).view(np.uint64), 64, True))
+    for rows in (xw, xw[:1]):  # several rows: one BLAS product of the limbs; one row: a GEMV per limb
+        assert np.array_equal(ring.matmul_small(rows, w, True, w_bits=19),
+                              ring.matmul(rows, w.astype(np.int64).view(np.uint64), 64, True))
+    assert np.array_equal(ring.matmul_small(xw, w.T.copy(), False), ring.matmul(xw, w.T.copy().astype(np.int64).view(
+        np.uint64), 64, False))
 
 
 @pytest.mark.parametrize("family,route", [("llama", "12"), ("gpt2", "12"), ("llama", "8"), ("gpt2", "8")])

@@ -55,6 +55,11 @@ class _Weight:
     frac: int = 0           # public, ring only: W is carried as round(W·2^frac)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def bits(self) -> int:
+        """A bound of M's encoded weight: |round(W·2^frac)| < 2^bits (max|W| ≤ scale, a power of two)."""
+        return math.frexp(self.scale)[1] + self.frac if self.scale > 0 else 1
+
 
 def _chunk_rows(shape: tuple[int, ...]) -> int:
     row = int(np.prod(shape[1:])) if len(shape) > 1 else 1
@@ -178,8 +183,9 @@ def _helper_uw(p: Party, name: str) -> np.ndarray:
     return w.value
 
 
-def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray, q: int = 0) -> np.ndarray:
-    """x·W for a weight of ``kind``: real numbers, exactly mod 2^64 for ring words, or exactly mod ``q``."""
+def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray, q: int = 0, w_bits: int = 21) -> np.ndarray:
+    """x·W for a weight of ``kind``: real numbers, exactly mod 2^64 for ring words (M's own encoded W: |W| <
+    2^``w_bits``), or exactly mod ``q``."""
     if q:
         if kind == "diag":
             return crt.reduce(crt.reduce(x, q) * W, q)
@@ -189,7 +195,7 @@ def _apply(kind: WeightKind, x: np.ndarray, W: np.ndarray, q: int = 0) -> np.nda
             if kind == "diag":
                 return x * _words(W)
             if kind in ("dense", "transposed"):
-                return ring.matmul_small(x, W, transpose_b=kind == "dense")
+                return ring.matmul_small(x, W, transpose_b=kind == "dense", w_bits=w_bits)
         elif kind == "diag":
             return x * W
         elif kind in ("dense", "transposed"):
@@ -268,7 +274,7 @@ async def linear(p: Party, name: str, x: np.ndarray | None, weight: str, *, mag_
         return he_matmul.user_share(p, name, *_light_dims(x, w, kind), mag_out) if light else p.take(name)
     assert x is not None
     corr = p.take(name)
-    z = await p.compute(_apply, kind, x, w.value, p.modq,
+    z = await p.compute(_apply, kind, x, w.value, p.modq, w.bits,
                         work=x.size * w.value.size // max(_n_in(kind, w.shape), 1))
     if corr.shape != z.shape:
         raise ProtocolError(f"linear {name!r}: offline correlation of shape {corr.shape}, product {z.shape}")

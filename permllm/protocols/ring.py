@@ -86,20 +86,28 @@ def matmul(a: np.ndarray, b: np.ndarray, bits: int, transpose_b: bool = False) -
     return mod(torch.matmul(ta, tb).numpy().view(w), bits)
 
 
-def matmul_small(x: np.ndarray, W: np.ndarray, transpose_b: bool = False) -> np.ndarray:
+def matmul_small(x: np.ndarray, W: np.ndarray, transpose_b: bool = False, w_bits: int = 21) -> np.ndarray:
     """x @ W (x @ Wᵀ with ``transpose_b``) mod 2^64 for ring words ``x`` and a public-size *small* integer matrix
-    ``W`` held as float64 (|W| < 2^21: an encoded weight), through BLAS: ``x`` is split into four 16-bit limbs
-    stacked as rows of one float64 product (each partial sum below 2^16·2^21·K < 2^53 for K < 2^16 inputs, so
-    exact), then recombined with wrapping integer shifts. torch's int64 matmul is 10–20× slower."""
+    ``W`` held as float64 (|W| < 2^``w_bits``: an encoded weight), through BLAS: ``x`` is split into limbs of
+    L = 53 − w_bits − ⌈log₂ K⌉ bits (K inputs: every partial sum stays below 2^53, so exact) stacked as rows of
+    one float64 product (a single row: one GEMV per limb), then recombined with wrapping integer shifts. An encoded weight of 18 significant bits
+    takes 3 limbs for K ≤ 2048 (a decode step's product costs about 3 float GEMVs); torch's int64 matmul is
+    10–20× slower."""
     k = x.shape[-1]
-    if k >= 1 << 16:
-        raise ValueError(f"matmul_small: inner dimension {k} too large for exact float64 limbs")
+    limb = min(32, 53 - w_bits - max(1, (k - 1).bit_length()))
+    if limb < 8:
+        raise ValueError(f"matmul_small: {w_bits}-bit weights and inner dimension {k} leave {limb}-bit limbs")
+    n = -(-64 // limb)
     x2 = x.reshape(-1, k)
-    xs = np.concatenate([((x2 >> np.uint64(16 * i)) & np.uint64(0xFFFF)).astype(np.float64) for i in range(4)])
-    P = (xs @ (W.T if transpose_b else W)).reshape(4, *x.shape[:-1], -1)  # one 2-D BLAS product
+    low = np.uint64((1 << limb) - 1)
+    xs = np.concatenate([((x2 >> np.uint64(limb * i)) & low).astype(np.float64) for i in range(n)])
+    if len(x2) == 1 and transpose_b:  # a decode row: one GEMV per limb over W's contiguous rows beats BLAS's
+        P = np.stack([W @ v for v in xs]).reshape(n, *x.shape[:-1], -1)  # small-m GEMM (measured ~2×)
+    else:
+        P = (xs @ (W.T if transpose_b else W)).reshape(n, *x.shape[:-1], -1)  # one 2-D BLAS product
     out = np.zeros(P.shape[1:], dtype=_U64)
-    for i in range(4):
-        out += P[i].astype(np.int64).view(_U64) << np.uint64(16 * i)
+    for i in range(n):
+        out += P[i].astype(np.int64).view(_U64) << np.uint64(limb * i)
     return out
 
 
