@@ -356,139 +356,177 @@ async def attention_decode(p: Party, name: str, x: np.ndarray | None, *, spec: A
     are H-derivable. M gets ([], [], []) offline; the helper gets its derivation of U's shares.
     See the module docstring for the message flow and what each party learns.
     """
-    if p.ring != (enc is not None):
-        raise ValueError(f"attention {name!r}: the ring needs the op's encodings (and real numbers none)")
-    R = p.ratio
-    lanes = _lanes(p)
-    KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
-    w_qkv = p.weights.get(weight)
-    if w_qkv is None or any(ln.p.weights.get(weight + ln.sfx) is None for ln in lanes):
-        raise ProtocolError(f"weight {weight!r} was not set up (on every residue)")
-    n = w_qkv.shape[1]
-    scale_w = w_qkv.scale
-    scale_b = 0.0
-    if bias_weight is not None:
-        wb = p.weights.get(bias_weight)
-        if wb is None or any(ln.p.weights.get(bias_weight + ln.sfx) is None for ln in lanes):
-            raise ProtocolError(f"weight {bias_weight!r} was not set up (on every residue)")
-        if enc is not None and wb.frac != enc.h.scale + w_qkv.frac:
-            raise ProtocolError(f"attention {name!r}: the qkv bias is encoded at 2^-{wb.frac}, its product at "
-                                f"2^-{enc.h.scale + w_qkv.frac}")
-        scale_b = wb.scale
-    has_res = enc is not None and enc.res is not None
-    lin = name + ".qkv"
-    lin_kw = dict(mag_in=mags.h, mag_out=mags.qkv_col, l2_in=mags.h_l2)
-    base = lanes[0]
-    rg = enc is not None
-
+    op = _Op(p, name, spec, mags, weight, cache_k, cache_v, bias_weight, valid, enc)
     if p.phase == "offline":
         if p.is_model:
-            kept = []
-            for ln in lanes:
-                await linear(ln.p, lin + ln.sfx, None, weight + ln.sfx, **lin_kw)
-                wu = await ln.p.recv_array(Role.USER, ln.tag(name, "w"))
-                wh = await ln.p.recv_array(Role.HELPER, ln.tag(name, "w"), wu.shape)
-                corr = await ln.p.recv(Role.HELPER, ln.tag(name, "corr"), modulus=ln.modulus())
-                if not (isinstance(corr, list) and len(corr) == 5 + has_res and all(
-                        isinstance(c, np.ndarray) and c.dtype == ln.p.dtype for c in corr)
-                        and corr[1].ndim == 4 and corr[1].shape[:3] == (KV, G, 1)):
-                    raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
-                t = corr[1].shape[-1]
-                W = _W(p, spec, mags, t, n, scale_w, scale_b)
-                masks = (ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha),
-                         ln.mask("mh", name, "bk", (KV, 1, 1, d), W.bk),
-                         ln.mask("mh", name, "bv", (KV, 1, 1, d), W.bv),
-                         ln.mask("mh", name, "gam", (KV, G, t, d), W.gam),
-                         ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv))
-                kept.append((wu + wh, corr, masks))
-            delta1 = await base.p.recv_array(Role.HELPER, base.tag(name, "d1"), (1, n))
-            # M's permutations, drawn now so the online phase only computes.
-            sh = (KV, G, 1, corr[1].shape[-1])
-            perms = (Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows"),
-                     Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh)))
-            p.keep(name, (kept, delta1, perms))
+            await _model_offline(p, op)
             return [], [], []
-        if x is None or x.shape != (1, n):
-            raise ProtocolError(f"attention {name!r}: decode takes one row of {n} (got {getattr(x, 'shape', None)})")
-        pi1 = Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows") if p.is_helper else None
-        b1 = base.mask("uh", name, "b1", (1, n), R * mags.x)
-        hs, ros, ress, kept = [], [], [], []
-        for ln in lanes:
-            # U's (H-derivable) shares: norm output h_U = b₁′; q, k, v from the linear's r.
-            b1p = ln.mask("uh", name, "b1p", (1, n), R * np.asarray(mags.h_col))
-            r = await linear(ln.p, lin + ln.sfx, b1p, weight + ln.sfx, **lin_kw)
-            q_raw, k_raw, v_u = spec.split(r)
-            q_u, k_u = spec.rope(q_raw, ln.q), spec.rope(k_raw, ln.q)
-            KU = _append(p.caches, cache_k + ln.sfx + "/bu", k_u)
-            VU = _append(p.caches, cache_v + ln.sfx + "/bu", v_u)
-            t = KU.shape[-2]
-            W = _W(p, spec, mags, t, n, scale_w, scale_b)
-            a1 = ln.mask("uh", name, "a1", (1, n), W.a1)
-            qt = _rope_t(spec, ln, q_u)                                   # q̃_U = q_U·Rᵀ
-            yw = ln.mm(qt, _k_rows(ln.p, weight + ln.sfx, spec.split, "dense"))  # q̃_U·D_k (U) / q̃_U·U_Wk (H)
-            tw = ln.mask("uh", name, "tw", yw.shape, W.tw)
-            c_new = ln.mm(yw, b1p, tb=True)                               # q̃_U·D_k·h_Uᵀ (U) / q̃_U·U_Wk·h_Uᵀ (H)
-            if bias_weight is not None:
-                c_new = c_new + ln.mm(qt, _k_rows(ln.p, bias_weight + ln.sfx, spec.split, "bias"))
-            sh = (KV, G, 1, t)
-            tau = ln.mask("uh", name, "tau", sh, W.tau)
-            b2 = ln.mask("uh", name, "b2", sh, W.b2)
-            a2 = ln.mask("uh", name, "a2", sh, W.a2)
-            b2p = ln.mask("uh", name, "b2p", sh, W.b2p)
-            tau2 = ln.mask("uh", name, "tau2", (KV, G, 1, d), W.tau2)
-            r_o = ln.mask("uh", name, "ro", (KV, G, 1, d), W.ro)
-            res = (ln.mask("uh", name, "ares", (1, n), R * mags.x), ln.mask("uh", name, "bres", (1, n), R * mags.x)) \
-                if has_res else None
-            hs.append(b1p)
-            ros.append(r_o)
-            if res is not None:
-                ress.append(res[1])
-            if p.is_user:
-                ln.p.send(Role.MODEL, ln.tag(name, "w"), yw + tw)
-                got = await ln.p.recv(Role.HELPER, ln.tag(name, "u"), modulus=ln.modulus())
-                if not _arrays(got, [yw.shape, (KV, G, t, d), (KV, G, t, d)], ln.p.dtype):
-                    raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
-                rw_p, Kt, Vt = got
-                kept.append(_UKept(a1, b1p, q_u, c_new, tau, b2, a2, b2p, tau2, r_o, res, rw_p, Kt, Vt, t))
-                continue
-            # H: every correlation of the op on this lane.
-            rho = ln.mask("uh", name, "rho", sh, W.rho)
-            rw = ln.mask("h", name, "rw", yw.shape, W.rw)
-            ln.p.send(Role.MODEL, ln.tag(name, "w"), yw - tw - rw)
-            gamma1 = pi1.invert(a1) - b1p
-            BK = _append(p.caches, cache_k + ln.sfx + "/beta", ln.mask("mh", name, "bk", k_u.shape, W.bk))
-            BV = _append(p.caches, cache_v + ln.sfx + "/beta", ln.mask("mh", name, "bv", v_u.shape, W.bv))
-            if BK.shape != KU.shape or BV.shape != VU.shape:
-                raise ProtocolError(f"attention {name!r}: helper caches out of step")
-            if ln is base:
-                pi2 = Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(valid, sh))
-            alpha = ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha)
-            gam = ln.mask("mh", name, "gam", (KV, G, t, d), W.gam)
-            gamv = ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv)
-            KUg = KU + gam
-            ln.p.send(Role.USER, ln.tag(name, "u"), [rw[..., pi1.idx[0]], _gather_rows(pi2, KUg),
-                                                     _gather_rows(pi2, VU + gamv)])
-            eta_old = ln.mm(q_u, BK[..., :t - 1, :], tb=True)
-            eta_new = ln.mm(rw, gamma1, tb=True) + c_new - ln.mm(qt, k_raw, tb=True)
-            eta = np.concatenate([eta_old, eta_new], -1) - tau - rho
-            delta2 = pi2.apply(ln.mm(q_u, KU, tb=True) + ln.mm(alpha, KUg, tb=True) + rho) - b2
-            gamma2 = pi2.invert(a2) - b2p
-            eta2 = ln.mm(b2p, VU + BV) + ln.mm(gamma2, VU) - tau2 - r_o
-            corr = [gamma1, eta, delta2, gamma2, eta2]
-            if res is not None:
-                corr.append(pi1.invert(res[0]) - res[1])
-            ln.p.send(Role.MODEL, ln.tag(name, "corr"), corr)
-        if p.is_user:
-            p.keep(name, (b1, kept))
-        else:
-            base.p.send(Role.MODEL, base.tag(name, "d1"), pi1.apply(x) - b1)
-        return hs, ros, ress
-
+        if x is None or x.shape != (1, op.n):
+            raise ProtocolError(f"attention {name!r}: decode takes one row of {op.n} (got {getattr(x, 'shape', None)})")
+        return await _dealt_offline(p, op, x)
     if p.phase != "online" or p.is_helper:
         raise ProtocolError(f"attention {name!r}: the {p.role.value} party has no {p.phase} branch")
     if p.is_model:
-        return await _model_online(p, name, x, lanes, spec, weight, cache_k, cache_v, bias_weight, enc, lin, lin_kw)
-    return await _user_online(p, name, lanes, spec, weight, cache_k, cache_v, valid, enc, lin, lin_kw)
+        return await _model_online(p, op, x)
+    return await _user_online(p, op)
+
+
+class _Op:
+    """The public description of one use of the op, as every party derives it (no secret in it)."""
+
+    def __init__(self, p: Party, name: str, spec: AttnSpec, mags: AttnMags, weight: str, cache_k: str, cache_v: str,
+                 bias_weight: str | None, valid: np.ndarray | None, enc: AttnEnc | None) -> None:
+        if p.ring != (enc is not None):
+            raise ValueError(f"attention {name!r}: the ring needs the op's encodings (and real numbers none)")
+        self.name, self.spec, self.mags, self.weight, self.bias = name, spec, mags, weight, bias_weight
+        self.cache_k, self.cache_v, self.valid, self.enc = cache_k, cache_v, valid, enc
+        self.lanes = _lanes(p)
+        self.KV, self.G, self.d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
+        w_qkv = p.weights.get(weight)
+        if w_qkv is None or any(ln.p.weights.get(weight + ln.sfx) is None for ln in self.lanes):
+            raise ProtocolError(f"weight {weight!r} was not set up (on every residue)")
+        self.n, self.scale_w, self.scale_b = w_qkv.shape[1], w_qkv.scale, 0.0
+        if bias_weight is not None:
+            wb = p.weights.get(bias_weight)
+            if wb is None or any(ln.p.weights.get(bias_weight + ln.sfx) is None for ln in self.lanes):
+                raise ProtocolError(f"weight {bias_weight!r} was not set up (on every residue)")
+            if enc is not None and wb.frac != enc.h.scale + w_qkv.frac:
+                raise ProtocolError(f"attention {name!r}: the qkv bias is encoded at 2^-{wb.frac}, its product at "
+                                    f"2^-{enc.h.scale + w_qkv.frac}")
+            self.scale_b = wb.scale
+        self.has_res = enc is not None and enc.res is not None
+        self.lin = name + ".qkv"
+        self.lin_kw = dict(mag_in=mags.h, mag_out=mags.qkv_col, l2_in=mags.h_l2)
+
+    def widths(self, p: Party, t: int) -> "_W":
+        """The real-number mask widths for ``t`` keys (ignored on the ring, where every mask is uniform)."""
+        return _W(p, self.spec, self.mags, t, self.n, self.scale_w, self.scale_b)
+
+    def score_shape(self, t: int) -> tuple[int, int, int, int]:
+        return (self.KV, self.G, 1, t)
+
+
+async def _model_offline(p: Party, op: _Op) -> None:
+    """M: the w-linear's two messages and H's correlations per lane, its own masks and permutations."""
+    KV, G, d, name = op.KV, op.G, op.d, op.name
+    kept = []
+    for ln in op.lanes:
+        await linear(ln.p, op.lin + ln.sfx, None, op.weight + ln.sfx, **op.lin_kw)
+        wu = await ln.p.recv_array(Role.USER, ln.tag(name, "w"))
+        wh = await ln.p.recv_array(Role.HELPER, ln.tag(name, "w"), wu.shape)
+        corr = await ln.p.recv(Role.HELPER, ln.tag(name, "corr"), modulus=ln.modulus())
+        if not (isinstance(corr, list) and len(corr) == 5 + op.has_res and all(
+                isinstance(c, np.ndarray) and c.dtype == ln.p.dtype for c in corr)
+                and corr[1].ndim == 4 and corr[1].shape[:3] == (KV, G, 1)):
+            raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
+        t = corr[1].shape[-1]
+        W = op.widths(p, t)
+        masks = (ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha),
+                 ln.mask("mh", name, "bk", (KV, 1, 1, d), W.bk),
+                 ln.mask("mh", name, "bv", (KV, 1, 1, d), W.bv),
+                 ln.mask("mh", name, "gam", (KV, G, t, d), W.gam),
+                 ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv))
+        kept.append(_MKept(wu + wh, corr, *masks))
+    base = op.lanes[0]
+    delta1 = await base.p.recv_array(Role.HELPER, base.tag(name, "d1"), (1, op.n))
+    # M's permutations, drawn now so the online phase only computes.
+    sh = op.score_shape(kept[0].corr[1].shape[-1])
+    p.keep(name, (kept, delta1, Perm.draw(p.gen("mh", name, "pi1"), (1, op.n), "rows"),
+                  Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(op.valid, sh))))
+
+
+@dataclass(slots=True)
+class _MKept:
+    """What M keeps of one lane's offline phase: its w-linear sum, H's correlations and its own masks."""
+
+    w_m: np.ndarray
+    corr: list[np.ndarray]   # γ₁, η, δ₂, γ₂, η′ (and the residual's γ)
+    alpha: np.ndarray
+    bk: np.ndarray
+    bv: np.ndarray
+    gam: np.ndarray
+    gamv: np.ndarray
+
+
+async def _dealt_offline(p: Party, op: _Op, x: np.ndarray) -> tuple[list, list, list]:
+    """U and H: U's shares of the outputs (H-derivable) and, per lane, the w-linear's message; H deals every
+    correlation of the op (module docstring), U keeps its masks for the online phase."""
+    R, KV, G, d, n, name, spec = p.ratio, op.KV, op.G, op.d, op.n, op.name, op.spec
+    base = op.lanes[0]
+    pi1 = Perm.draw(p.gen("mh", name, "pi1"), (1, n), "rows") if p.is_helper else None
+    pi2 = None
+    b1 = base.mask("uh", name, "b1", (1, n), R * op.mags.x)
+    hs, ros, ress, kept = [], [], [], []
+    for ln in op.lanes:
+        # U's (H-derivable) shares: norm output h_U = b₁′; q, k, v from the linear's r.
+        b1p = ln.mask("uh", name, "b1p", (1, n), R * np.asarray(op.mags.h_col))
+        r = await linear(ln.p, op.lin + ln.sfx, b1p, op.weight + ln.sfx, **op.lin_kw)
+        q_raw, k_raw, v_u = spec.split(r)
+        q_u, k_u = spec.rope(q_raw, ln.q), spec.rope(k_raw, ln.q)
+        KU = _append(p.caches, op.cache_k + ln.sfx + "/bu", k_u)
+        VU = _append(p.caches, op.cache_v + ln.sfx + "/bu", v_u)
+        t = KU.shape[-2]
+        W = op.widths(p, t)
+        a1 = ln.mask("uh", name, "a1", (1, n), W.a1)
+        qt = _rope_t(spec, ln, q_u)                                   # q̃_U = q_U·Rᵀ
+        yw = ln.mm(qt, _k_rows(ln.p, op.weight + ln.sfx, spec.split, "dense"))  # q̃_U·D_k (U) / q̃_U·U_Wk (H)
+        tw = ln.mask("uh", name, "tw", yw.shape, W.tw)
+        c_new = ln.mm(yw, b1p, tb=True)                               # q̃_U·D_k·h_Uᵀ (U) / q̃_U·U_Wk·h_Uᵀ (H)
+        if op.bias is not None:
+            c_new = c_new + ln.mm(qt, _k_rows(ln.p, op.bias + ln.sfx, spec.split, "bias"))
+        sh = op.score_shape(t)
+        tau = ln.mask("uh", name, "tau", sh, W.tau)
+        b2 = ln.mask("uh", name, "b2", sh, W.b2)
+        a2 = ln.mask("uh", name, "a2", sh, W.a2)
+        b2p = ln.mask("uh", name, "b2p", sh, W.b2p)
+        tau2 = ln.mask("uh", name, "tau2", (KV, G, 1, d), W.tau2)
+        r_o = ln.mask("uh", name, "ro", (KV, G, 1, d), W.ro)
+        res = (ln.mask("uh", name, "ares", (1, n), R * op.mags.x), ln.mask("uh", name, "bres", (1, n), R * op.mags.x)) \
+            if op.has_res else None
+        hs.append(b1p)
+        ros.append(r_o)
+        if res is not None:
+            ress.append(res[1])
+        if p.is_user:
+            ln.p.send(Role.MODEL, ln.tag(name, "w"), yw + tw)
+            got = await ln.p.recv(Role.HELPER, ln.tag(name, "u"), modulus=ln.modulus())
+            if not _arrays(got, [yw.shape, (KV, G, t, d), (KV, G, t, d)], ln.p.dtype):
+                raise ProtocolError(f"attention {name!r}: bad correlation from the helper")
+            rw_p, Kt, Vt = got
+            kept.append(_UKept(a1, b1p, q_u, c_new, tau, b2, a2, b2p, tau2, r_o, res, rw_p, Kt, Vt, t))
+            continue
+        # H: every correlation of the op on this lane.
+        rho = ln.mask("uh", name, "rho", sh, W.rho)
+        rw = ln.mask("h", name, "rw", yw.shape, W.rw)
+        ln.p.send(Role.MODEL, ln.tag(name, "w"), yw - tw - rw)
+        gamma1 = pi1.invert(a1) - b1p
+        BK = _append(p.caches, op.cache_k + ln.sfx + "/beta", ln.mask("mh", name, "bk", k_u.shape, W.bk))
+        BV = _append(p.caches, op.cache_v + ln.sfx + "/beta", ln.mask("mh", name, "bv", v_u.shape, W.bv))
+        if BK.shape != KU.shape or BV.shape != VU.shape:
+            raise ProtocolError(f"attention {name!r}: helper caches out of step")
+        if pi2 is None:
+            pi2 = Perm.draw(p.gen("mh", name, "pi2"), sh, "rows", _valid(op.valid, sh))
+        alpha = ln.mask("mh", name, "alpha", (KV, G, 1, d), W.alpha)
+        gam = ln.mask("mh", name, "gam", (KV, G, t, d), W.gam)
+        gamv = ln.mask("mh", name, "gamv", (KV, G, t, d), W.gamv)
+        KUg = KU + gam
+        ln.p.send(Role.USER, ln.tag(name, "u"), [rw[..., pi1.idx[0]], _gather_rows(pi2, KUg),
+                                                 _gather_rows(pi2, VU + gamv)])
+        eta_old = ln.mm(q_u, BK[..., :t - 1, :], tb=True)
+        eta_new = ln.mm(rw, gamma1, tb=True) + c_new - ln.mm(qt, k_raw, tb=True)
+        eta = np.concatenate([eta_old, eta_new], -1) - tau - rho
+        delta2 = pi2.apply(ln.mm(q_u, KU, tb=True) + ln.mm(alpha, KUg, tb=True) + rho) - b2
+        gamma2 = pi2.invert(a2) - b2p
+        eta2 = ln.mm(b2p, VU + BV) + ln.mm(gamma2, VU) - tau2 - r_o
+        corr = [gamma1, eta, delta2, gamma2, eta2]
+        if res is not None:
+            corr.append(pi1.invert(res[0]) - res[1])
+        ln.p.send(Role.MODEL, ln.tag(name, "corr"), corr)
+    if p.is_user:
+        p.keep(name, (b1, kept))
+    else:
+        base.p.send(Role.MODEL, base.tag(name, "d1"), pi1.apply(x) - b1)
+    return hs, ros, ress
 
 
 @dataclass(slots=True)
@@ -512,64 +550,57 @@ class _UKept:
     t: int
 
 
-async def _model_online(p: Party, name: str, x: np.ndarray | None, lanes: list[_Lane], spec: AttnSpec, weight: str,
-                        cache_k: str, cache_v: str, bias_weight: str | None, enc: AttnEnc | None, lin: str,
-                        lin_kw: dict) -> tuple[list, list, list]:
+async def _model_online(p: Party, op: _Op, x: np.ndarray | None) -> tuple[list, list, list]:
     """M's hops 1–4 (module docstring)."""
-    KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
-    n = p.weights[weight].shape[1]
+    KV, G, n, name, spec, enc = op.KV, op.G, op.n, op.name, op.spec, op.enc
     if x is None or x.shape != (1, n):
         raise ProtocolError(f"attention {name!r}: decode takes one row of {n}")
-    kept, delta1, (pi1, pi2) = p.take(name)
-    base = lanes[0]
+    kept, delta1, pi1, pi2 = p.take(name)
+    base = op.lanes[0]
     m1 = pi1.apply(x) + delta1
     base.p.send(Role.USER, base.tag(name, "1"), ring.pack(m1, enc.x.wire) if enc is not None else m1)  # hop 1
-    has_res = enc is not None and enc.res is not None
-    hs, os_, ress = [], [], []
-    for ln, (w_m, corr, (alpha, bk, bv, gam, gamv)) in zip(lanes, kept):
-        gamma1, eta, delta2, gamma2, eta2 = corr[:5]
+    hs, ress, later = [], [], []
+    for ln, k in zip(op.lanes, kept):
+        gamma1, eta, delta2, gamma2, eta2 = k.corr[:5]
         got = await ln.p.recv(Role.USER, ln.tag(name, "2"), modulus=ln.modulus())   # hop 2
-        if not _arrays(got, [(1, n), eta.shape] + [(1, n)] * has_res, ln.p.dtype):
+        if not _arrays(got, [(1, n), eta.shape] + [(1, n)] * op.has_res, ln.p.dtype):
             raise ProtocolError(f"attention {name!r}: bad message from the user")
         z, e = got[:2]
         h_m = pi1.invert(z) + gamma1
-        if has_res:
-            ress.append(pi1.invert(got[2]) + corr[5])
-        qkv_m = await linear(ln.p, lin + ln.sfx, h_m, weight + ln.sfx, bias=_m_bias(ln, bias_weight), **lin_kw)
+        if op.has_res:
+            ress.append(pi1.invert(got[2]) + k.corr[5])
+        qkv_m = await linear(ln.p, op.lin + ln.sfx, h_m, op.weight + ln.sfx, bias=_m_bias(ln, op.bias), **op.lin_kw)
         q_raw, k_raw, v_m = spec.split(qkv_m)
         q_m, k_m = spec.rope(q_raw, ln.q), spec.rope(k_raw, ln.q)
-        KM = _append(p.caches, cache_k + ln.sfx + "/bm", k_m)
-        VM = _append(p.caches, cache_v + ln.sfx + "/bm", v_m)
+        KM = _append(p.caches, op.cache_k + ln.sfx + "/bm", k_m)
+        VM = _append(p.caches, op.cache_v + ln.sfx + "/bm", v_m)
         t = KM.shape[-2]
-        if eta.shape != (KV, G, 1, t):
+        if eta.shape != op.score_shape(t):
             raise ProtocolError(f"attention {name!r}: cache of {t} keys, correlation for {eta.shape[-1]}")
         X = e + eta
-        X[..., -1:] += ln.mm(w_m, h_m, tb=True)
-        at_m = ln.mm(q_m, KM - gam, tb=True) + X
+        X[..., -1:] += ln.mm(k.w_m, h_m, tb=True)
+        at_m = ln.mm(q_m, KM - k.gam, tb=True) + X
         ln.p.send(Role.USER, ln.tag(name, "3s"), pi2.apply(at_m) + delta2)        # hop 3
-        ln.p.send(Role.USER, ln.tag(name, "3"), [q_m - alpha, k_m - bk, v_m - bv])
+        ln.p.send(Role.USER, ln.tag(name, "3"), [q_m - k.alpha, k_m - k.bk, v_m - k.bv])
         hs.append(h_m)
-        os_.append((VM, gam, gamv, gamma2, eta2))
+        later.append((VM, k.gamv, gamma2, eta2))
     outs = []
-    for ln, (VM, gam, gamv, gamma2, eta2) in zip(lanes, os_):
+    for ln, (VM, gamv, gamma2, eta2) in zip(op.lanes, later):
         got = await ln.p.recv(Role.USER, ln.tag(name, "4"), modulus=ln.modulus())   # hop 4
-        if not _arrays(got, [(KV, G, 1, VM.shape[-2]), eta2.shape], ln.p.dtype):
+        if not _arrays(got, [op.score_shape(VM.shape[-2]), eta2.shape], ln.p.dtype):
             raise ProtocolError(f"attention {name!r}: bad message from the user")
         z2, e2 = got
         outs.append(ln.mm(pi2.invert(z2), VM - gamv) + ln.mm(gamma2, VM) + e2 + eta2)
     return hs, outs, ress
 
 
-async def _user_online(p: Party, name: str, lanes: list[_Lane], spec: AttnSpec, weight: str, cache_k: str,
-                       cache_v: str, valid: np.ndarray | None, enc: AttnEnc | None, lin: str,
-                       lin_kw: dict) -> tuple[list, list, list]:
+async def _user_online(p: Party, op: _Op) -> tuple[list, list, list]:
     """U's side of hops 1–4: the norm and the softmax in the clear on permuted values."""
-    KV, G, d = spec.kv_heads, spec.heads // spec.kv_heads, spec.head_dim
-    n = p.weights[weight].shape[1]
+    KV, G, d, n, name, spec, enc = op.KV, op.G, op.d, op.n, op.name, op.spec, op.enc
     b1, kept = p.take(name)
-    base = lanes[0]
-    for ln, k in zip(lanes, kept):
-        await linear(ln.p, lin + ln.sfx, k.b1p, weight + ln.sfx, **lin_kw)  # U's share is its offline r
+    base = op.lanes[0]
+    for ln, k in zip(op.lanes, kept):
+        await linear(ln.p, op.lin + ln.sfx, k.b1p, op.weight + ln.sfx, **op.lin_kw)  # U's share is its offline r
     if enc is None:
         m1 = await base.p.recv_array(Role.MODEL, base.tag(name, "1"), (1, n))              # hop 1
         xv = m1 + b1
@@ -581,9 +612,9 @@ async def _user_online(p: Party, name: str, lanes: list[_Lane], spec: AttnSpec, 
             raise ProtocolError(str(e)) from None
         xv = ring.decode(v.astype(np.uint64) + b1, enc.x.scale, enc.x.opened, f"{name!r} input", enc.x.range)
     ys = _encode(_norm(spec, xv), None if enc is None else enc.h, f"{name!r} output")
-    rs = _encode(xv, enc.res, f"{name!r} residual") if enc is not None and enc.res is not None else None
-    for i, (ln, k) in enumerate(zip(lanes, kept)):
-        O = p.caches.get(cache_k + ln.sfx + "/opened")
+    rs = _encode(xv, enc.res, f"{name!r} residual") if op.has_res else None
+    for i, (ln, k) in enumerate(zip(op.lanes, kept)):
+        O = p.caches.get(op.cache_k + ln.sfx + "/opened")
         n_old = 0 if O is None else O.shape[-2]
         if n_old != k.t - 1:
             raise ProtocolError(f"attention {name!r}: {n_old} opened keys, expected {k.t - 1}")
@@ -595,21 +626,20 @@ async def _user_online(p: Party, name: str, lanes: list[_Lane], spec: AttnSpec, 
             msg.append(rs[i] - k.res[0])
         ln.p.send(Role.MODEL, ln.tag(name, "2"), msg)                                      # hop 2
     ss, opened_v = [], []
-    for ln, k in zip(lanes, kept):
+    for ln, k in zip(op.lanes, kept):
         m2 = await ln.p.recv(Role.MODEL, ln.tag(name, "3s"), modulus=ln.modulus(), revealed=True)  # hop 3
         got = await ln.p.recv(Role.MODEL, ln.tag(name, "3"), modulus=ln.modulus())
-        if not (_arrays([m2], [(KV, G, 1, k.t)], ln.p.dtype)
+        if not (_arrays([m2], [op.score_shape(k.t)], ln.p.dtype)
                 and _arrays(got, [(KV, G, 1, d), (KV, 1, 1, d), (KV, 1, 1, d)], ln.p.dtype)):
             raise ProtocolError(f"attention {name!r}: bad message from the model party")
         qa, kb, vb = got
-        _append(p.caches, cache_k + ln.sfx + "/opened", kb)
-        opened_v.append(_append(p.caches, cache_v + ln.sfx + "/opened", vb))
+        _append(p.caches, op.cache_k + ln.sfx + "/opened", kb)
+        opened_v.append(_append(p.caches, op.cache_v + ln.sfx + "/opened", vb))
         ss.append(m2 + k.b2 + ln.mm(qa, k.Kt, tb=True))                                  # π₂(q·Kᵀ)
     s_perm = _decode(ss, None if enc is None else enc.s, f"{name!r} scores")
-    P = F.softmax(s_perm, None if valid is None else np.broadcast_to(np.asarray(valid), s_perm.shape[:-1]),
-                  spec.scale)
-    ps = _encode(P, None if enc is None else enc.p, f"{name!r} probabilities")
-    for ln, k, pv, OV in zip(lanes, kept, ps, opened_v):
+    valid = None if op.valid is None else np.broadcast_to(np.asarray(op.valid), s_perm.shape[:-1])
+    ps = _encode(F.softmax(s_perm, valid, spec.scale), None if enc is None else enc.p, f"{name!r} probabilities")
+    for ln, k, pv, OV in zip(op.lanes, kept, ps, opened_v):
         z2 = pv - k.a2
         ln.p.send(Role.MODEL, ln.tag(name, "4"), [z2, ln.mm(k.b2p, OV) + ln.mm(z2, k.Vt) + k.tau2])  # hop 4
     return [k.b1p for k in kept], [k.r_o for k in kept], [] if rs is None else [k.res[1] for k in kept]
