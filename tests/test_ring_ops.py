@@ -251,3 +251,22 @@ async def test_wide_ring_generation_equals_transformers_and_its_messages_are_uni
     assert {e["modulus"] for e in index if e["kind"] == "uniform"} >= {2**64, *crt.PRIMES}
     if route == "8":
         assert any(e["tag"][0] == "attn8" for e in index)
+
+
+def test_a_residue_travels_in_3_bytes_and_out_of_range_ones_are_refused():
+    """A residue view's arrays go out mod q in 3 bytes an element and come back as the same integers; a value at
+    or above q, or a message of another width, is refused."""
+    from permllm.protocols import crt
+    from permllm.protocols.party import ProtocolError, _reduced, _widened
+    q = crt.PRIMES[0]
+    x = rng.integers(-3 * q, 3 * q, size=(4, 5)).astype(np.float64)
+    wire = _reduced([x.T, x[:1]], q)
+    assert all(w.dtype == np.uint8 and w.shape[-1] == 3 for w in wire)
+    back = _widened(wire, q)
+    assert np.array_equal(back[0], np.mod(x.T, q)) and np.array_equal(back[1], np.mod(x[:1], q))
+    bad = _reduced(np.array([float(q - 1)]), q)
+    bad[..., 0] += 1  # q itself
+    with pytest.raises(ProtocolError, match="out of range"):
+        _widened(bad, q)
+    with pytest.raises(ProtocolError, match="3 bytes"):
+        _widened(np.zeros((2, 4), dtype=np.uint8), q)

@@ -39,6 +39,8 @@ T = TypeVar("T")
 THREAD_WORK = 1 << 20
 PLAN_KEY = ("mask-plan", -1)  # store entry of the open mask plan (light-mode U)
 PLAN_MAX = 1024               # elements of the largest mask a plan keeps
+RESIDUE_BYTES = 3             # bytes of a residue mod one of crt.PRIMES on the wire (primes below 2^24)
+assert all(q < 1 << 8 * RESIDUE_BYTES for q in crt.PRIMES)
 
 
 class Role(str, Enum):
@@ -241,9 +243,11 @@ class Party:
             op.wait_s += time.perf_counter() - t0
             op.msgs_recv += 1
             op.bytes_recv += payload_bytes(out)
-        if self.transcript is not None:
-            self.transcript.record(frm.value, tag, out, modulus, revealed)
-        return _widened(out, self.modq) if self.modq else out
+        if self.modq:
+            out = _widened(out, self.modq)
+        if self.transcript is not None:  # a residue view records the values mod q its bytes carry
+            self.transcript.record(frm.value, tag, _as_residues(out) if self.modq else out, modulus, revealed)
+        return out
 
     @contextlib.asynccontextmanager
     async def traced(self, name: str) -> AsyncIterator[None]:
@@ -320,24 +324,40 @@ class OpRecord:
 
 
 def _reduced(payload: Any, q: int) -> Any:
-    """A message's float arrays mod q as uint32 (what a residue view sends: uniform on [0, q) under its
-    masks, 4 bytes an element instead of 8)."""
+    """A message's float arrays mod q in RESIDUE_BYTES little-endian bytes each (what a residue view sends: uniform on
+    [0, q) under its masks; a trailing axis of RESIDUE_BYTES uint8), 3 bytes an element instead of 8."""
     if isinstance(payload, np.ndarray) and payload.dtype.kind == "f":
-        return crt.reduce(payload, q).astype(np.uint32)
+        v = np.ascontiguousarray(crt.reduce(payload, q), dtype="<u4")
+        return np.ascontiguousarray(v.view(np.uint8).reshape(*v.shape, 4)[..., :RESIDUE_BYTES])
     if isinstance(payload, list):
         return [_reduced(x, q) for x in payload]
     return payload
 
 
 def _widened(payload: Any, q: int) -> Any:
-    """A residue view's received uint32 arrays as float64 integers (what its ops compute on); a value at or
-    above q is refused."""
-    if isinstance(payload, np.ndarray) and payload.dtype == np.uint32:
-        if payload.size and int(payload.max()) >= q:
+    """A residue view's received arrays (:func:`_reduced`) as float64 integers (what its ops compute on); a value
+    at or above q is refused."""
+    if isinstance(payload, np.ndarray) and payload.dtype == np.uint8:
+        if payload.ndim == 0 or payload.shape[-1] != RESIDUE_BYTES:
+            raise ProtocolError(f"a residue message mod {q} with a last axis of {payload.shape[-1:]}, "
+                                f"not {RESIDUE_BYTES} bytes")
+        wide = np.zeros((*payload.shape[:-1], 4), dtype=np.uint8)
+        wide[..., :RESIDUE_BYTES] = payload
+        v = wide.view("<u4").reshape(payload.shape[:-1])
+        if v.size and int(v.max()) >= q:
             raise ProtocolError(f"a residue mod {q} out of range in a message")
-        return payload.astype(np.float64)
+        return v.astype(np.float64)
     if isinstance(payload, list):
         return [_widened(x, q) for x in payload]
+    return payload
+
+
+def _as_residues(payload: Any) -> Any:
+    """Widened residues (float64 integers below q) as int64, for the transcript."""
+    if isinstance(payload, np.ndarray) and payload.dtype.kind == "f":
+        return payload.astype(np.int64)
+    if isinstance(payload, list):
+        return [_as_residues(x) for x in payload]
     return payload
 
 
