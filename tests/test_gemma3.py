@@ -15,7 +15,6 @@ import torch
 
 import permllm
 from permllm.model import Arch, ModelFileError, from_transformers, load_model
-from permllm.model.forward import choose_ring_plan, weight_fracs
 from permllm.protocols import ShareConfig
 
 from .test_families import _NO_TOKENS, _save, PROMPT, NEW
@@ -71,3 +70,31 @@ def test_gemma_arch_fields_round_trip():
     assert new.freqs(1) == (1.0, 0.1) and new.score_scale == pytest.approx(6.0 ** -0.5)
     with pytest.raises(ValueError, match="layer_freqs"):
         Arch(**base, layer_freqs=((1.0,),))
+
+
+GEMMA_PROMPTS = ["The capital of France is", "def fibonacci(n):"]  # a base model: raw text
+GEMMA_NEW = 8
+
+
+async def test_gemma3_270m_real_weights_match_transformers():
+    """Gemma 3 270M (Q4_K_M GGUF, dequantized by transformers' GGUF loader) on the default route and ring plan:
+    the private greedy ids are transformers' on the same converted model, for two raw-text prompts."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from permllm.model.loaders import gemma3_dir
+    hf = AutoModelForCausalLM.from_pretrained(gemma3_dir(), dtype=torch.float32).eval()
+    lm = load_model("gemma3-270m")
+    a = lm.arch
+    assert (a.family, a.vocab, a.layers, a.heads, a.kv_heads, a.head_dim) == ("gemma", 262144, 18, 4, 1, 256)
+    assert a.windows == tuple(0 if i % 6 == 5 else 512 for i in range(18)) and a.attn_scalar == 256.0
+    prompts = [lm.tokenizer(p).input_ids for p in GEMMA_PROMPTS]
+    assert all(ids[0] == a.bos_id == 2 for ids in prompts)
+    want = [hf_greedy(hf, ids, GEMMA_NEW) for ids in prompts]
+    del hf  # three parties in this process hold the 262,144 × 640 head and table each: free what is not needed
+    gc.collect()
+    async with await permllm.local(lm) as s:  # the default configuration (route 8: its wide ring plan)
+        assert all(p.ring for p in (s.trio.user, s.trio.model, s.trio.helper))
+        got = [[t async for t in s.generate_ids(ids, GEMMA_NEW)] for ids in prompts]
+    assert got == want

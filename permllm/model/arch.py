@@ -56,6 +56,7 @@ class Arch:
     embed_scale: float = 1.0    # the lookup's rows are scaled by it (Gemma: √hidden); a tied head uses E unscaled
     qk_norm: bool = False       # RMSNorm over head_dim of each q and k head before RoPE, weights L{i}.qn, L{i}.kn
     post_norms: bool = False    # RMSNorm of the attention and MLP outputs before the residual adds (Gemma's sandwich)
+    bos_id: int = -1            # the token every prompt starts with (Gemma's <bos>), which calibration includes; -1: none
 
     def __post_init__(self) -> None:
         checks = {
@@ -71,6 +72,7 @@ class Arch:
             "layer_freqs": len(self.layer_freqs) in (0, self.layers)
             and all(2 * len(f) <= self.head_dim for f in self.layer_freqs),
             "scales": self.attn_scalar >= 0 and self.embed_scale > 0,
+            "bos_id": -1 <= self.bos_id < self.vocab,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -133,7 +135,7 @@ class Arch:
 
 
 _OPTIONAL = ("rope_freqs", "rope_factor", "windows", "layer_freqs", "attn_scalar", "embed_scale", "qk_norm",
-             "post_norms")
+             "post_norms", "bos_id")
 _DEFAULTS = {f.name: f.default for f in fields(Arch)}
 
 

@@ -306,12 +306,14 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
     """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence,
     rounded up to a power of two (:func:`public_bounds`).
 
-    Run by the model party (it holds the weights), with no knowledge of any prompt; the
-    result is sent to the user and the helper in the setup phase.
+    Run by the model party (it holds the weights), with no knowledge of any prompt (but the public ``bos_id``
+    every prompt starts with, where the model has one); the result is sent to the user and the helper in the setup phase.
     """
     a = weights.arch
     n = max(2, min(n_tokens, a.max_positions - 2))
     ids = np.random.default_rng(seed).integers(0, a.vocab, size=n)
+    if a.bos_id >= 0:  # the model's own first token: Gemma's residual stream is ~4× larger at <bos> (its sink)
+        ids[0] = a.bos_id
     ops = PlainOps(weights)
     fwd = Forward(a)
     await fwd.step(ops, ids[:-1], StepShape(a, n - 1, 0))

@@ -361,7 +361,8 @@ def _gemma3(c: Any, sd: dict[str, np.ndarray], model: Any) -> ModelWeights:
                 rope_factor=factors.pop(), windows=_windows(c, c.max_position_embeddings), layer_freqs=tuple(freqs),
                 attn_scalar=float(c.query_pre_attn_scalar),
                 # transformers multiplies the float32 embedding by the float32 √hidden
-                embed_scale=float(np.float32(c.hidden_size ** 0.5)), qk_norm=True, post_norms=True)
+                embed_scale=float(np.float32(c.hidden_size ** 0.5)), qk_norm=True, post_norms=True,
+                bos_id=-1 if getattr(c, "bos_token_id", None) is None else int(c.bos_token_id))
     one = lambda name: 1.0 + sd[name]  # noqa: E731 - Gemma's RMSNorm weight is 1 + w
     t: dict[str, np.ndarray] = {"embed": sd["model.embed_tokens.weight"]}
     for i in range(arch.layers):
