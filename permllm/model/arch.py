@@ -56,7 +56,7 @@ class Arch:
     embed_scale: float = 1.0    # the lookup's rows are scaled by it (Gemma: √hidden); a tied head uses E unscaled
     qk_norm: bool = False       # RMSNorm over head_dim of each q and k head before RoPE, weights L{i}.qn, L{i}.kn
     post_norms: bool = False    # RMSNorm of the attention and MLP outputs before the residual adds (Gemma's sandwich)
-    bos_id: int = -1            # the token every prompt starts with (Gemma's <bos>), which calibration includes; -1: none
+    bos_id: int = -1            # the token every prompt starts with (Gemma's <bos>; calibration includes it); -1: none
 
     def __post_init__(self) -> None:
         checks = {

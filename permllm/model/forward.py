@@ -307,7 +307,8 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
     rounded up to a power of two (:func:`public_bounds`).
 
     Run by the model party (it holds the weights), with no knowledge of any prompt (but the public ``bos_id``
-    every prompt starts with, where the model has one); the result is sent to the user and the helper in the setup phase.
+    every prompt starts with, where the model has one); the result is sent to the user and the helper in the
+    setup phase.
     """
     a = weights.arch
     n = max(2, min(n_tokens, a.max_positions - 2))

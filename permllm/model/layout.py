@@ -13,8 +13,8 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "valid_lengths", "window_starts",
-           "shift_rows"]
+__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "valid_lengths",
+           "window_starts", "shift_rows"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
