@@ -99,10 +99,10 @@ def _tokenizer_source(model: str, ids: bool) -> str | None:
     """The model whose tokenizer the user loads; None when the prompt is token ids and the model has none."""
     from pathlib import Path
 
-    from .model import DEFAULT_MODEL
+    from .model.loaders import NAMED_MODELS
 
     files = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
-    if ids and model != DEFAULT_MODEL and not any((Path(model) / f).exists() for f in files):
+    if ids and model not in NAMED_MODELS and not any((Path(model) / f).exists() for f in files):
         return None
     return model
 
@@ -145,11 +145,11 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from .runtime.bench import KEYS, bench_chatglm_layer, bench_smollm2
+    from .runtime.bench import KEYS, bench_chatglm_layer, bench_model
 
-    if args.target == "smollm2":
-        r = await bench_smollm2(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.transport,
-                                _config(args))
+    if args.target in ("smollm2", "gemma3-270m"):
+        r = await bench_model(args.target, args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.transport,
+                              _config(args))
     else:
         r = await bench_chatglm_layer(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.dtype,
                                       route=_config(args).attention_route)
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     d.set_defaults(fn=_demo)
 
-    b = sub.add_parser("bench", help="private vs plaintext, same run: smollm2 or one ChatGLM-6B layer")
-    b.add_argument("target", choices=["smollm2", "chatglm6b-layer"])
+    b = sub.add_parser("bench", help="private vs plaintext, same run: smollm2, gemma3-270m or one ChatGLM-6B layer")
+    b.add_argument("target", choices=["smollm2", "gemma3-270m", "chatglm6b-layer"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--tokens", type=int, default=8, help="generated tokens (decode steps)")
     b.add_argument("--prompt-len", type=int, default=64)

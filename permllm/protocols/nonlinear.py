@@ -1,4 +1,4 @@
-"""Non-linear layers as permuted ops: softmax, LayerNorm, RMSNorm, GeLU, SiLU, SwiGLU.
+"""Non-linear layers as permuted ops: softmax, LayerNorm, RMSNorm, GeLU, SiLU, gated units (SwiGLU, GeGLU).
 
 Each is :func:`~permllm.protocols.permute.apply_permuted` with a public function
 (2 online hops). Norms permute inside each row and carry no private parameters:
@@ -18,7 +18,7 @@ from . import functions as F
 from .party import Party
 from .permute import apply_permuted
 
-__all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu"]
+__all__ = ["softmax", "layer_norm", "rms_norm", "gelu", "silu", "swiglu", "glu"]
 
 Share = np.ndarray | None
 MagVec = float | np.ndarray | None  # width of U's new share, optionally per output column
@@ -88,9 +88,19 @@ async def silu(p: Party, name: str, x: Share, *, mag_in: float, shape: tuple[int
     return await apply_permuted(p, name, [x], F.silu, mags_in=[mag_in], mag_out=mag_in, shape=shape, **enc)
 
 
+async def glu(p: Party, name: str, g: Share, u: Share, *, act: str, mag_g: float, mag_u: float,
+              shape: tuple[int, ...] | None = None, mag_out: float | None = None,
+              mag_share: MagVec = None, **enc: Any) -> Share:
+    """[act(g)·u], ``act`` a public gate activation (:data:`~permllm.protocols.functions.GATES`: "silu" for
+    SwiGLU, "gelu_tanh" for Gemma's GeGLU): g and u are revealed under the same π, so U multiplies matching
+    entries. U learns π(g) and π(u), as any permuted op's inputs; M and H learn nothing."""
+    return await apply_permuted(p, name, [g, u], F.glu(act), mags_in=[mag_g, mag_u],
+                                mag_out=mag_out or mag_g * mag_u, shape=shape, mag_share=mag_share, **enc)
+
+
 async def swiglu(p: Party, name: str, g: Share, u: Share, *, mag_g: float, mag_u: float,
                  shape: tuple[int, ...] | None = None, mag_out: float | None = None,
                  mag_share: MagVec = None, **enc: Any) -> Share:
-    """[silu(g)·u]: g and u are revealed under the same π, so U multiplies matching entries."""
-    return await apply_permuted(p, name, [g, u], F.swiglu, mags_in=[mag_g, mag_u],
-                                mag_out=mag_out or mag_g * mag_u, shape=shape, mag_share=mag_share, **enc)
+    """[silu(g)·u] (:func:`glu` with silu)."""
+    return await glu(p, name, g, u, act="silu", mag_g=mag_g, mag_u=mag_u, shape=shape, mag_out=mag_out,
+                     mag_share=mag_share, **enc)

@@ -361,13 +361,17 @@ async def apply_permuted_wide(p: Party, name: str, x: np.ndarray | None, xrs: Se
     rn = [f"{name}#q{i}" for i in range(len(views))]
     what = f"{name!r} input"
     jobs = [permute_reveal(p, name, [x], mags=[mag_in], mode=mode, valid=valid, shape=shp, encs=[enc_in])]
-    if xrs is not None:
+    # The 2^64 residue travels mod 2^wire; where that holds the whole encoding (a value on Z_N whose scale and
+    # bound need fewer than 64 bits, e.g. the QK-norm's input) it determines the value, and the prime
+    # residues are not revealed at all (they would not combine with a truncated residue).
+    lanes = xrs is not None and enc_in.wire >= RING_BITS
+    if lanes:
         jobs += [permute_reveal(v, n, [r], mags=[mag_in], mode=mode, valid=valid, shape=shp, perm_name=name)
-                 for v, n, r in zip(views, rn, xrs)]
+                 for v, n, r in zip(views, rn, xrs)]  # type: ignore[arg-type]
     got = await asyncio.gather(*jobs)
     y = y_rs = x0 = x0_rs = None
     if got[0] is not None:  # U: the clear permuted input
-        if xrs is not None:
+        if lanes:
             val = crt.decode(got[0][0], [crt.reduce(g[0], q) for g, q in zip(got[1:], crt.PRIMES)], enc_in.scale,
                              what, enc_in.range)
         else:

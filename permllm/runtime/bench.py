@@ -4,7 +4,9 @@ Targets:
 
 * ``smollm2`` — SmolLM2-135M-Instruct end to end in the embedded mode (the real
   model): time to first token and online ms per generated token, against
-  transformers' plaintext generation of the same prompt.
+  transformers' plaintext generation of the same prompt; ``gemma3-270m`` the same for
+  Gemma 3 270M (with the token selection's share of a decode step: its vocabulary is
+  262,144 entries).
 * ``chatglm6b-layer`` — one full-size ChatGLM-6B decoder layer (hidden 4096, 32 heads,
   MLP 16384, random weights), prefill then decode steps, three parties over loopback
   TCP, against the plaintext layer in the same dtype.
@@ -30,7 +32,7 @@ from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_on
 from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
 
-__all__ = ["KEYS", "bench_smollm2", "bench_chatglm_layer"]
+__all__ = ["KEYS", "bench_smollm2", "bench_model", "bench_chatglm_layer"]
 
 EDGE_HOPS = 3 + 2 + 3  # per token besides the layers: embedding (one-hot, lift), final norm, token selection
 KEYS = ("online_ms_per_token", "plaintext_ms_per_token", "offline_ms_per_token", "hops_per_layer",
@@ -85,16 +87,26 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
                         bandwidth_mbit: float | None = None, transport: str = "memory",
                         config: ShareConfig | None = None) -> dict[str, Any]:
     """SmolLM2 end to end: private (embedded) vs transformers, same prompt, same run."""
+    return await bench_model("smollm2", tokens, prompt_len, rtt_ms, bandwidth_mbit, transport, config)
+
+
+async def bench_model(model: str, tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 0.0,
+                      bandwidth_mbit: float | None = None, transport: str = "memory",
+                      config: ShareConfig | None = None) -> dict[str, Any]:
+    """A named model (:data:`~permllm.model.loaders.NAMED_MODELS`) end to end: private (embedded) vs
+    transformers, same prompt, same run."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM
 
     from .. import local
     from ..model import load_model
-    from ..model.loaders import smollm2_dir
+    from ..model.loaders import model_dir
 
-    lm = await asyncio.to_thread(load_model, "smollm2")
+    lm = await asyncio.to_thread(load_model, model)
     ids = lm.tokenizer.encode(TEXT * (1 + prompt_len // 40))[:prompt_len]
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir(model), dtype=torch.float32).eval()
     with torch.no_grad():  # plaintext: prefill then decode with the KV cache
         hf(torch.tensor([ids]))  # warm-up
         prefill = []
@@ -110,6 +122,8 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
             past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
             plain_ids.append(nxt)
         plain_tok = (time.perf_counter() - t1) / max(tokens - 1, 1)
+    del hf, out, past  # the three parties need the memory (Gemma's head and table: 262,144 rows)
+    gc.collect()
     session = await local(lm, transport=transport, config=config, link=_link(rtt_ms, bandwidth_mbit))
     async with session:
         # a warm-up step on the same prompt, as for the plaintext model, then the prefills timed
@@ -125,11 +139,18 @@ async def bench_smollm2(tokens: int = 16, prompt_len: int = 64, rtt_ms: float = 
     steps = r.step_s
     dec = _decode(recs)
     n_dec = max(len(steps) - 1, 1)
+    select = {}  # per decode token, the token selection's online wall time (the slower of M and U)
+    for x in dec:
+        if x.name == "select" and x.party in ("model", "user"):
+            select[x.token] = max(select.get(x.token, 0.0), x.wall_s)
+    online = float(np.mean(steps[1:] or steps))
     return {
-        "target": "smollm2", "tokens": len(steps), "prompt_len": prompt_len, "rtt_ms": rtt_ms,
+        "target": model, "tokens": len(steps), "prompt_len": prompt_len, "rtt_ms": rtt_ms,
         "bandwidth_mbit": bandwidth_mbit, "dtype": session._user.p.config.dtype,
         "ttft_ms": 1e3 * ttft, "plaintext_ttft_ms": 1e3 * ttft_plain, "ttft_reps": TTFT_REPS,
-        "online_ms_per_token": 1e3 * float(np.mean(steps[1:] or steps)),
+        "online_ms_per_token": 1e3 * online,
+        "select_ms_per_token": 1e3 * float(np.mean(list(select.values()))) if select else 0.0,
+        "select_share": float(np.mean(list(select.values()))) / online if select else 0.0,
         "plaintext_ms_per_token": 1e3 * plain_tok,
         "offline_ms_per_token": 1e3 * float(np.mean(r.offline_step_s[1:] or r.offline_step_s)),
         "offline_prefill_ms": 1e3 * r.offline_step_s[0],

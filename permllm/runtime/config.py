@@ -78,7 +78,8 @@ KEYS: tuple[Key, ...] = (
     Key("model_party", str, None, "--model-party", frozenset({USER}), "HOST:PORT of the model-party daemon",
         metavar="HOST:PORT"),
     Key("model", str, "smollm2", "--model", frozenset({MODEL, USER}),
-        "'smollm2' or a local Hugging Face directory (the user party loads only its tokenizer)", metavar="MODEL"),
+        "'smollm2', 'gemma3-270m' or a local Hugging Face directory (the user party loads only its tokenizer)",
+        metavar="MODEL"),
     Key("dtype", str, "float64", "--dtype", ALL, f"share dtype, one of {', '.join(DTYPES)} (float32 is refused: "
         "its masks do not hide the inputs); all three parties must agree", metavar="DTYPE"),
     Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default 2^12); all three parties must agree"),

@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Callable
 from aiohttp import web
 
 from ..model import DEFAULT_MODEL
+from ..model.loaders import NAMED_MODELS
 from ..model.loaders import load_tokenizer
 from ..net import NetError
 from ..protocols import ProtocolError
@@ -399,7 +400,7 @@ class UserDaemon:
         self.cfg = cfg
         self.tokenizer = tokenizer
         name = cfg["model"]
-        self.model_id = name if name == DEFAULT_MODEL else Path(name).name
+        self.model_id = name if name in NAMED_MODELS else Path(name).name
         self.aliases = {name}  # the --model setting itself
         self.created = int(time.time())
         self.pool = _Pool(cfg, cfg["limits.max_sessions"])
