@@ -85,10 +85,10 @@ async def test_offline_products_are_batched(tmp_path, monkeypatch):
     rows: list[int] = []
     apply = linear._apply
 
-    def spy(kind, x, W, q=0):
+    def spy(kind, x, W, *args):
         if x.shape[-1] == lm.arch.hidden and W.shape == (lm.arch.vocab, lm.arch.hidden):  # the LM head
             rows.append(len(x))
-        return apply(kind, x, W, q)
+        return apply(kind, x, W, *args)
 
     monkeypatch.setattr(linear, "_apply", spy)
     prompt, n = [5, 17, 42, 99], 2 * DEALT_BATCH + 1
