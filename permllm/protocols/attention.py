@@ -397,10 +397,14 @@ class _Op:
         self.has_res = enc is not None and enc.res is not None
         self.lin = name + ".qkv"
         self.lin_kw = dict(mag_in=mags.h, mag_out=mags.qkv_col, l2_in=mags.h_l2)
+        self._widths: tuple[int, _W] | None = None
 
     def widths(self, p: Party, t: int) -> "_W":
-        """The real-number mask widths for ``t`` keys (ignored on the ring, where every mask is uniform)."""
-        return _W(p, self.spec, self.mags, t, self.n, self.scale_w, self.scale_b)
+        """The real-number mask widths for ``t`` keys (ignored on the ring, where every mask is uniform), computed
+        once for all lanes."""
+        if self._widths is None or self._widths[0] != t:
+            self._widths = (t, _W(p, self.spec, self.mags, t, self.n, self.scale_w, self.scale_b))
+        return self._widths[1]
 
     def score_shape(self, t: int) -> tuple[int, int, int, int]:
         return (self.KV, self.G, 1, t)

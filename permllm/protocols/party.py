@@ -26,7 +26,7 @@ import numpy as np
 
 from ..net import Channel, Meter
 from .config import RING_BITS, ShareConfig
-from . import crt
+from . import crt, ring
 from .prg import stream, uniform_mask
 from .transcript import Transcript
 
@@ -325,25 +325,23 @@ class OpRecord:
 
 def _reduced(payload: Any, q: int) -> Any:
     """A message's float arrays mod q in RESIDUE_BYTES little-endian bytes each (what a residue view sends: uniform on
-    [0, q) under its masks; a trailing axis of RESIDUE_BYTES uint8), 3 bytes an element instead of 8."""
+    [0, q) under its masks; :func:`ring.pack`), 3 bytes an element instead of 8."""
     if isinstance(payload, np.ndarray) and payload.dtype.kind == "f":
-        v = np.ascontiguousarray(crt.reduce(payload, q), dtype="<u4")
-        return np.ascontiguousarray(v.view(np.uint8).reshape(*v.shape, 4)[..., :RESIDUE_BYTES])
+        return ring.pack(crt.reduce(payload, q).astype(np.uint32), 8 * RESIDUE_BYTES)
     if isinstance(payload, list):
         return [_reduced(x, q) for x in payload]
     return payload
 
 
 def _widened(payload: Any, q: int) -> Any:
-    """A residue view's received arrays (:func:`_reduced`) as float64 integers (what its ops compute on); a value
-    at or above q is refused."""
+    """A residue view's received arrays (:func:`_reduced`) as float64 integers (what its ops compute on); a
+    message of another width, or a value at or above q, is refused."""
     if isinstance(payload, np.ndarray) and payload.dtype == np.uint8:
-        if payload.ndim == 0 or payload.shape[-1] != RESIDUE_BYTES:
-            raise ProtocolError(f"a residue message mod {q} with a last axis of {payload.shape[-1:]}, "
-                                f"not {RESIDUE_BYTES} bytes")
-        wide = np.zeros((*payload.shape[:-1], 4), dtype=np.uint8)
-        wide[..., :RESIDUE_BYTES] = payload
-        v = wide.view("<u4").reshape(payload.shape[:-1])
+        try:
+            v = ring.unpack(payload, 8 * RESIDUE_BYTES, payload.shape[:-1],
+                            f"a residue message mod {q} ({RESIDUE_BYTES} bytes an element)")
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
         if v.size and int(v.max()) >= q:
             raise ProtocolError(f"a residue mod {q} out of range in a message")
         return v.astype(np.float64)
