@@ -31,8 +31,8 @@ from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnEnc, AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
-from .layout import (from_qk_rows, merge_heads, positions, qk_rows, rope, rope_bits, shift_rows, split_heads,
-                     valid_lengths, window_starts)
+from .layout import (from_qk_rows, merge_heads, positions, prompt_steps, qk_rows, rope, rope_bits, shift_rows,
+                     split_heads, valid_lengths, window_starts)
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
@@ -45,15 +45,16 @@ Value = Any  # np.ndarray, or None where a party holds no value
 
 
 class StepShape:
-    """Public shape of one step: T new tokens after ``past`` cached ones."""
+    """Public shape of one step: T new tokens after ``past`` cached ones; ``emits``: the step ends in a
+    token (every step but a long prompt's chunks before its last, :func:`~permllm.model.layout.positions`)."""
 
-    __slots__ = ("T", "past", "pos", "block", "valid")
+    __slots__ = ("T", "past", "pos", "block", "valid", "emits")
 
-    def __init__(self, arch: Arch, prompt_len: int, step: int) -> None:
-        self.pos, self.block = positions(arch, prompt_len, step)
+    def __init__(self, arch: Arch, prompt_len: int, step: int, chunk: int = 0) -> None:
+        self.pos, self.block, self.past = positions(arch, prompt_len, step, chunk)
         self.T = len(self.pos)
-        self.past = 0 if step == 0 else prompt_len + step - 1
         self.valid = valid_lengths(arch, self.T, self.past)
+        self.emits = step >= prompt_steps(arch, prompt_len, chunk) - 1
 
 
 def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list[tuple[str, str]]:
@@ -129,11 +130,14 @@ class Forward:
         self.arch = arch
 
     async def step(self, ops: "PlainOps | PrivateOps", ids: Any, shape: StepShape) -> Value:
-        """Logits (1, vocab) of the last new token, given the step's token ids (held by U)."""
+        """Logits (1, vocab) of the last new token, given the step's token ids (held by U); None for a chunk
+        of the prompt before its last (it only fills the caches)."""
         a = self.arch
         x = await ops.embed("embed", ids, shape.T, shape.pos if a.pos == "learned" else None)
         for i in range(a.layers):
             x = await self.layer(ops, i, x, shape)
+        if not shape.emits:
+            return None
         x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
         h, _ = await ops.norm("final.n", x, "final.x", (1, a.hidden))
         if a.tied_head:

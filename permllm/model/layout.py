@@ -13,8 +13,8 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "valid_lengths",
-           "window_starts", "shift_rows"]
+__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "prompt_steps",
+           "valid_lengths", "window_starts", "shift_rows"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,18 +105,33 @@ def rope_bits(arch: Arch, frac: int) -> int:
     return frac if arch.pos in ("rope", "rope2d") else 0
 
 
-def positions(arch: Arch, prompt_len: int, step: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Position ids (and ChatGLM block ids) of the tokens fed at ``step`` (0: the prompt).
+def prompt_steps(arch: Arch, prompt_len: int, chunk: int) -> int:
+    """How many steps a prompt of ``prompt_len`` tokens takes: chunks of ``chunk`` tokens, each attending
+    to the cache of the ones before (``chunk`` 0: one step). A bidirectional prompt (ChatGLM) is one step."""
+    if chunk < 0:
+        raise ValueError(f"prefill chunk must be >= 0, got {chunk}")
+    if chunk == 0 or arch.prefix_bidirectional:
+        return 1
+    return max(1, -(-prompt_len // chunk))
 
-    ChatGLM: the prompt has positions 0…c−1 and block 0; the k-th generated token keeps the
-    position of the [gMASK] token (the last prompt token here) and has block position k.
+
+def positions(arch: Arch, prompt_len: int, step: int, chunk: int = 0) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Position ids (and ChatGLM block ids) of the tokens fed at ``step``, and how many are cached before them.
+
+    The prompt takes the first :func:`prompt_steps` steps (a chunk each); then one generated
+    token per step. ChatGLM: the prompt has positions 0…c−1 and block 0; the k-th generated
+    token keeps the position of the [gMASK] token (the last prompt token here) and has block position k.
     """
-    if step == 0:
-        pos = np.arange(prompt_len)
-        return pos, (np.zeros(prompt_len, dtype=np.int64) if arch.pos == "rope2d" else None)
+    n = prompt_steps(arch, prompt_len, chunk)
+    if step < n:
+        lo = step * chunk if n > 1 else 0
+        pos = np.arange(lo, min(prompt_len, lo + chunk) if n > 1 else prompt_len)
+        return pos, (np.zeros(len(pos), dtype=np.int64) if arch.pos == "rope2d" else None), lo
+    k = step - n + 1  # the k-th generated token is fed (k >= 1)
+    past = prompt_len + k - 1
     if arch.pos == "rope2d":
-        return np.array([prompt_len - 1]), np.array([step])
-    return np.array([prompt_len + step - 1]), None
+        return np.array([prompt_len - 1]), np.array([k]), past
+    return np.array([past]), None, past
 
 
 def valid_lengths(arch: Arch, T: int, past: int) -> np.ndarray:

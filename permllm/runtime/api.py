@@ -31,7 +31,7 @@ from ..protocols.transcript import Transcript
 from .config import PartyConfig, load_config
 from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
-from .session import HelperSession, ModelSession, UserSession
+from .session import PREFILL_CHUNK, HelperSession, ModelSession, UserSession
 
 __all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr", "encode_prompt"]
 
@@ -101,9 +101,10 @@ class Session:
 
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
                            sampler: Sampler | None = None, stop_at_eos: bool = True,
-                           offline_first: bool = False) -> AsyncIterator[int]:
+                           offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[int]:
         """Yield token ids; fills :attr:`last` with the ids, times and traffic. A caller may stop
-        early (``break``): the generation then ends at all three parties."""
+        early (``break``): the generation then ends at all three parties. The prompt is fed in steps
+        of ``prefill_chunk`` tokens (0: all at once), which bounds each party's memory."""
         res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s)
         self.last = res
         before = [_totals(m) for m in self._meters]
@@ -111,7 +112,8 @@ class Session:
         t_prev = time.perf_counter()
         try:
             async with contextlib.aclosing(self._user.generate(list(prompt_ids), max_new_tokens, sampler,
-                                                               stop_at_eos, offline_first)) as gen:
+                                                               stop_at_eos, offline_first,
+                                                               prefill_chunk)) as gen:
                 async for tok in gen:  # a caller that stops early ends the generation at M and H too
                     now = time.perf_counter()
                     res.online_s += now - t_prev
@@ -149,13 +151,14 @@ class Session:
             res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, chat: bool = True,
-                       sampler: Sampler | None = None) -> AsyncIterator[str]:
+                       sampler: Sampler | None = None, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[str]:
         """Stream the generated text piece by piece (the prompt stays private to the user); the pieces
         of a generation that was not stopped early add up to ``last.text``."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         out: list[int] = []
         shown = ""
-        async with contextlib.aclosing(self.generate_ids(ids, max_new_tokens, sampler)) as gen:
+        async with contextlib.aclosing(self.generate_ids(ids, max_new_tokens, sampler,
+                                                         prefill_chunk=prefill_chunk)) as gen:
             async for tok in gen:  # a caller that stops early ends the generation (generate_ids)
                 out.append(tok)
                 if self.tokenizer is None:

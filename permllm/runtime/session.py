@@ -36,6 +36,7 @@ import numpy as np
 
 from ..model import (Arch, Forward, ModelWeights, PrivateOps, StepShape, calibrate, setup_embedding, weight_names,
                      weight_shape)
+from ..model.layout import prompt_steps
 from ..model.forward import Fx, RingPlan, resolve_arith, weight_fracs, wide_weights
 from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols import crt, ring
@@ -45,10 +46,12 @@ from ..protocols.sampling import Sampler, make_rng
 from ..protocols.select import select_token
 
 __all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "DEALT_BATCH",
-           "offline_batches",
+           "offline_batches", "PREFILL_CHUNK",
            "LIGHT_FIRST", "LIGHT_BATCH"]
 
-OFFLINE_AHEAD = 8  # tokens the offline phase may run ahead of the online phase
+OFFLINE_AHEAD = 8  # window units the offline phase may run ahead of the online phase: a decode step takes one
+CHUNK_UNITS = OFFLINE_AHEAD // 2  # and a chunk of the prompt half the window: two chunks are in flight at most
+PREFILL_CHUNK = 128  # prompt tokens per prefill step: each party holds a chunk's offline material, not the prompt's
 DEALT_BATCH = 4    # decode steps whose offline products U and H compute together (at most half the window)
 LIGHT_FIRST = 8    # light mode: steps in the first offline batch (the prefill and the first decode steps)
 LIGHT_BATCH = 32   # light mode: steps per later batch (the fixed costs of its HE products are paid once per batch)
@@ -72,18 +75,37 @@ def check_context(arch: Arch, prompt_len: int, max_new_tokens: int) -> None:
 
 @dataclass
 class _Gen:
-    """Public parameters of one generation."""
+    """Public parameters of one generation: the prompt's steps (chunks, :func:`prompt_steps`), then one
+    step per generated token after the first (which ends the prompt's last step)."""
 
     index: int
     base: int
     prompt_len: int
     max_new: int
-    ahead: int = OFFLINE_AHEAD  # tokens the offline phase may run ahead
+    ahead: int = OFFLINE_AHEAD  # window units the offline phase may run ahead (:meth:`units`)
+    chunk: int = 0  # prompt tokens per prefill step (0: the whole prompt in one)
+    first: int = 1  # steps of the prompt
+
+    @property
+    def steps(self) -> int:
+        return self.first - 1 + self.max_new
 
     @property
     def tokens(self) -> range:
         """The token indices of this generation's steps."""
-        return range(self.base, self.base + self.max_new)
+        return range(self.base, self.base + self.steps)
+
+    def units(self, step: int) -> int:
+        """Window units of ``step``'s offline material until its online step is over: a chunk of the
+        prompt takes :data:`CHUNK_UNITS` (a whole prompt, one unit: it runs alone), a decode step one."""
+        return CHUNK_UNITS if step < self.first and self.first > 1 else 1
+
+    def emitted(self, step: int) -> int:
+        """Index of the generated token ``step`` ends in (the prompt's chunks count to the first)."""
+        return max(0, step - self.first + 1)
+
+    def shape(self, arch: Arch, step: int) -> StepShape:
+        return StepShape(arch, self.prompt_len, step, self.chunk if self.first > 1 else 0)
 
 
 class _Party:
@@ -119,7 +141,10 @@ class _Party:
                    rng: np.random.Generator | None, sampler: Sampler) -> int | None:
         """One forward step and token selection in ``phase``; the token id at U online."""
         pv, ops = self.ops(phase, g.base + step, g.index)
-        logits = await Forward(self.arch).step(ops, ids, StepShape(self.arch, g.prompt_len, step))  # type: ignore[arg-type]
+        shape = g.shape(self.arch, step)  # type: ignore[arg-type]
+        logits = await Forward(self.arch).step(ops, ids, shape)  # type: ignore[arg-type]
+        if not shape.emits:
+            return None
         enc = None
         if isinstance(logits, Fx):
             enc = ring.Enc(logits.scale, logits.bits, ops._range("logits"))
@@ -134,24 +159,26 @@ class _Party:
             return await self.offline_light(g, ready, window)
         self.offline_step_s = [0.0] * g.max_new
         batched = self.p.config.offline == "dealer" and not self.p.is_model
-        for batch in offline_batches(g.max_new, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1):
+        for batch in offline_batches(g.steps, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1, g.first):
             if window is not None:
-                for _ in batch:
-                    await window.acquire()
+                for step in batch:
+                    for _ in range(g.units(step)):
+                        await window.acquire()
             t0 = time.perf_counter()
             async with dealt_batch(self.p, [g.base + s for s in batch]):
                 for step in batch:
                     await self.step("offline", g, step, None, None, Sampler())
-            self._timed(batch, time.perf_counter() - t0)
+            self._timed(g, batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
                 if self.progress:
-                    self.progress("offline", step + 1, g.max_new)
+                    self.progress("offline", step + 1, g.steps)
 
-    def _timed(self, batch: list[int], seconds: float) -> None:
+    def _timed(self, g: _Gen, batch: list[int], seconds: float) -> None:
+        """Count a batch's offline seconds, split evenly over its steps (a prompt's chunks: to the first token)."""
         self.offline_s += seconds
         for step in batch:
-            self.offline_step_s[step] = seconds / len(batch)
+            self.offline_step_s[g.emitted(step)] += seconds / len(batch)
 
     async def offline_light(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         """U and M in the light mode: the offline phase in batches of steps, one HE exchange per op and batch.
@@ -183,7 +210,7 @@ class _Party:
                     await he_matmul.close_batch(self.p)
             finally:
                 he_matmul.abort_batch(self.p)
-            self._timed(batch, time.perf_counter() - t0)
+            self._timed(g, batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
                 if self.progress:
@@ -224,24 +251,42 @@ class _Party:
         if not (isinstance(req, dict) and all(isinstance(req.get(k), int) for k in ("base", "prompt_len", "max_new"))):
             raise ProtocolError(f"malformed generation request (a {type(req).__name__}): expected a map of "
                                 "base, prompt_len and max_new integers")
+        chunk = req.get("chunk", 0)
+        if not isinstance(chunk, int) or chunk < 0:
+            raise ProtocolError(f"generation request: bad prefill chunk {chunk!r}")
+        first = prompt_steps(self.arch, req["prompt_len"], chunk)  # type: ignore[arg-type]
+        if first > 1 and self.p.config.offline == "he":
+            raise ProtocolError("generation request: the light mode prefills the prompt in one step (chunk 0)")
         if req["base"] != self.next_token:
             raise ProtocolError(f"generation request starts at token {req['base']}, expected {self.next_token}")
         try:
             check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
         except ValueError as e:
             raise ProtocolError(f"generation request refused: {e}") from e
-        ahead = req.get("ahead", OFFLINE_AHEAD)
-        if not isinstance(ahead, int) or not 1 <= ahead <= req["max_new"] + OFFLINE_AHEAD:
-            raise ProtocolError(f"generation request: bad offline window {ahead!r}")
-        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"], ahead)
+        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"], OFFLINE_AHEAD, chunk, first)
+        g.ahead = req.get("ahead", OFFLINE_AHEAD)
+        if not isinstance(g.ahead, int) or not max(g.units(0), 1) <= g.ahead <= whole_window(g) + OFFLINE_AHEAD:
+            raise ProtocolError(f"generation request: bad offline window {g.ahead!r}")
         self.gens += 1
-        self.next_token += g.max_new
+        self.next_token += g.steps
         return g
 
 
-def offline_batches(steps: int, size: int) -> list[list[int]]:
-    """The dealt mode's offline batches of a generation: the prefill alone, then ``size`` steps each."""
-    return [[0]] + [list(range(i, min(i + size, steps))) for i in range(1, steps, size)]
+def offline_batches(steps: int, size: int, first: int = 1) -> list[list[int]]:
+    """The dealt mode's offline batches of a generation: each of the prompt's ``first`` steps alone, then
+    ``size`` steps each."""
+    return [[s] for s in range(min(first, steps))] + [list(range(i, min(i + size, steps)))
+                                                      for i in range(first, steps, size)]
+
+
+def used_tag(g: _Gen, step: int) -> tuple:
+    """Tag of U's word to H that its online step ``step`` is over (H's window, :meth:`HelperSession.credits`)."""
+    return ("flow", "used", g.base + step, "u")
+
+
+def whole_window(g: _Gen) -> int:
+    """The window that holds a whole generation's offline material (``offline_first``)."""
+    return sum(g.units(s) for s in range(g.steps))
 
 
 def _light_ahead(max_new: int) -> int:
@@ -286,14 +331,17 @@ class ModelSession(_Party):
     async def serve(self) -> None:
         """Answer generation requests until U closes the session."""
         async for g in self.requests():
-            ready = [asyncio.Event() for _ in range(g.max_new)]
+            ready = [asyncio.Event() for _ in range(g.steps)]
             window = asyncio.Semaphore(g.ahead)
             off = asyncio.create_task(self.offline(g, ready, window))
             try:
-                for step in range(g.max_new):
+                for step in range(g.steps):
                     await _first(ready[step].wait(), off)
                     await self.step("online", g, step, None, None, Sampler())
-                    window.release()
+                    for _ in range(g.units(step)):
+                        window.release()
+                    if step < g.first - 1:
+                        continue  # a chunk of the prompt: no token, no word from U
                     go = await self.p.view("online", g.base + step).recv(Role.USER, ("ctl", g.index, step))
                     if not isinstance(go, bool):
                         raise ProtocolError(f"malformed step control {('ctl', g.index, step)} from the user: "
@@ -333,17 +381,31 @@ class HelperSession(_Party):
         """Deal the offline phase of each generation U requests, until U says the generation ended
         (it may stop early: H then stops dealing) and, at last, closes the session."""
         async for g in self.requests():
-            off = asyncio.create_task(self.offline(g, [asyncio.Event() for _ in range(g.max_new)], None))
+            window = asyncio.Semaphore(g.ahead)
+            off = asyncio.create_task(self.offline(g, [asyncio.Event() for _ in range(g.steps)], window))
+            credit = asyncio.create_task(self.credits(g, window))
             end = asyncio.ensure_future(self.await_end(g, Role.USER))
             try:
-                await asyncio.wait({off, end}, return_when=asyncio.FIRST_COMPLETED)
-                if off.done() and not end.done():
-                    off.result()  # raises the offline failure
+                await asyncio.wait({off, credit, end}, return_when=asyncio.FIRST_COMPLETED)
+                for t in (off, credit):
+                    if t.done() and not end.done():
+                        t.result()  # raises the offline failure, or a malformed credit
                 await end
             finally:
                 end.cancel()
                 await _cancel(off)
+                await _cancel(credit)
+            self.p.discard_unread(g.tokens)  # U's credits for steps H had dealt already
             self.tell_end(g, Role.MODEL, Role.USER)
+
+    async def credits(self, g: _Gen, window: asyncio.Semaphore) -> None:
+        """Free the window as U reports its online steps done (:func:`used_tag`): H deals at most
+        ``g.ahead`` units ahead of U, so neither U nor M buffers more of its material than that."""
+        for step in range(g.steps):
+            if await self.p.view("offline", g.base + step).recv(Role.USER, used_tag(g, step)) is not True:
+                raise ProtocolError(f"malformed offline credit for step {step} from the user party")
+            for _ in range(g.units(step)):
+                window.release()
 
 
 def _config_terms(p: Party) -> list:
@@ -395,11 +457,14 @@ class UserSession(_Party):
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int,
                        sampler: Sampler | None = None, stop_at_eos: bool = True,
-                       offline_first: bool = False) -> AsyncIterator[int]:
+                       offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[int]:
         """Yield generated token ids as they come; stops at the limit or (``stop_at_eos``) an end id.
 
-        With ``offline_first`` the whole offline phase runs before the first online step
-        (benchmarks: the online time then excludes it); otherwise it runs ahead by a window.
+        The prompt is fed in steps of ``prefill_chunk`` tokens (0: one step), each attending to the
+        cache of the ones before, so each party holds the offline material of a chunk or two, not of
+        the whole prompt (the light mode feeds it in one). With ``offline_first`` the whole offline
+        phase runs before the first online step (benchmarks: the online time then excludes it, and
+        memory holds all of it); otherwise it runs ahead by a window.
         """
         arch, p = self.arch, self.p
         assert arch is not None, "setup() first"
@@ -407,30 +472,42 @@ class UserSession(_Party):
         check_context(arch, len(prompt_ids), max_new_tokens)
         if any(not 0 <= int(t) < arch.vocab for t in prompt_ids):
             raise ValueError(f"prompt token id out of range [0, {arch.vocab})")
-        ahead = max_new_tokens if offline_first else (
+        chunk = 0 if p.config.offline == "he" else int(prefill_chunk)
+        g = _Gen(self.gens, self.next_token, len(prompt_ids), max_new_tokens, chunk=chunk,
+                 first=prompt_steps(arch, len(prompt_ids), chunk))
+        ahead = whole_window(g) if offline_first else (
             _light_ahead(max_new_tokens) if p.config.offline == "he" else OFFLINE_AHEAD)
-        req = {"base": self.next_token, "prompt_len": len(prompt_ids), "max_new": max_new_tokens, "ahead": ahead}
+        req = {"base": g.base, "prompt_len": g.prompt_len, "max_new": g.max_new, "ahead": ahead, "chunk": chunk}
         p.send(Role.MODEL, ("ctl", self.gens, "req"), req)
         p.send(Role.HELPER, ("ctl", self.gens, "req"), req)
         g = self.accept(req)
-        self.last_steps: list[float] = []  # online seconds of each step of this generation
+        self.last_steps: list[float] = []  # online seconds of each generated token (the first: all the prompt's steps)
         rng = make_rng(sampler)
-        ready = [asyncio.Event() for _ in range(g.max_new)]
+        ready = [asyncio.Event() for _ in range(g.steps)]
         window = asyncio.Semaphore(g.ahead)
         off = asyncio.create_task(self.offline(g, ready, window))
         ids: list[int] = list(prompt_ids)
         done = False  # the generation was ended at all three parties
+        spent = 0.0  # online seconds of the prompt's chunks so far
         try:
             if offline_first:
                 await _first(ready[-1].wait(), off)
-            for step in range(g.max_new):
+            for step in range(g.steps):
                 await _first(ready[step].wait(), off)
                 t0 = time.perf_counter()
+                if step < g.first:
+                    pos = g.shape(arch, step).pos
+                    ids = list(prompt_ids[int(pos[0]):int(pos[-1]) + 1]) if g.first > 1 else list(prompt_ids)
                 tok = await self.step("online", g, step, ids, rng, sampler)
-                self.last_steps.append(time.perf_counter() - t0)
-                window.release()
-                assert tok is not None
-                if step + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
+                for _ in range(g.units(step)):
+                    window.release()
+                p.view("offline", g.base + step).send(Role.HELPER, used_tag(g, step), True)
+                if tok is None:  # a chunk of the prompt before its last: no token yet
+                    spent += time.perf_counter() - t0
+                    continue
+                self.last_steps.append(spent + time.perf_counter() - t0)
+                spent = 0.0
+                if g.emitted(step) + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
                     await self.end(g, step, off)  # the last token: end the generation before handing it out
                     done = True
                     yield tok
