@@ -17,7 +17,7 @@ import asyncio
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -135,7 +135,9 @@ class Forward:
         a = self.arch
         x = await ops.embed("embed", ids, shape.T, shape.pos if a.pos == "learned" else None)
         for i in range(a.layers):
+            await ops.gate(i)
             x = await self.layer(ops, i, x, shape)
+        await ops.gate(a.layers)
         if not shape.emits:
             return None
         x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
@@ -228,6 +230,9 @@ class PlainOps:
         self.cache: dict[str, np.ndarray] = {}
         self.mags: dict[str, float] = {}
         self._norm, self._act = _norm_fn(self.arch), _act_fn(self.arch)
+
+    async def gate(self, layer: int) -> None:
+        """Nothing to pace in plaintext (:meth:`PrivateOps.gate`)."""
 
     def reset(self) -> None:
         self.cache.clear()
@@ -521,6 +526,13 @@ class PrivateOps:
         self.plan = plan
         self.fracs = fracs
         self._ranges = _ring_ranges(mags) if self.ring else {}
+        self.pace: Callable[[int], Awaitable[None]] | None = None  # the session's per-layer pacing of a step
+
+    async def gate(self, layer: int) -> None:
+        """Before layer ``layer`` (``arch.layers``: the final norm and head): let the session pace the
+        step, so that a long prompt's offline phase runs a few layers ahead of its online phase."""
+        if self.pace is not None:
+            await self.pace(layer)
 
     def _mag(self, name: str) -> float:
         """Calibrated bound of |value| (a scalar)."""

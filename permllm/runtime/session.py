@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -51,7 +51,8 @@ __all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OF
 
 OFFLINE_AHEAD = 8  # window units the offline phase may run ahead of the online phase: a decode step takes one
 CHUNK_UNITS = OFFLINE_AHEAD // 2  # and a chunk of the prompt half the window: two chunks are in flight at most
-PREFILL_CHUNK = 128  # prompt tokens per prefill step: each party holds a chunk's offline material, not the prompt's
+PREFILL_CHUNK = 256  # prompt tokens per prefill step: each party holds a chunk's offline material, not the prompt's
+LAYER_LEAD = 2  # a chunk's offline phase runs at most this many layers ahead of its online phase (_Pace)
 DEALT_BATCH = 4    # decode steps whose offline products U and H compute together (at most half the window)
 LIGHT_FIRST = 8    # light mode: steps in the first offline batch (the prefill and the first decode steps)
 LIGHT_BATCH = 32   # light mode: steps per later batch (the fixed costs of its HE products are paid once per batch)
@@ -85,6 +86,7 @@ class _Gen:
     ahead: int = OFFLINE_AHEAD  # window units the offline phase may run ahead (:meth:`units`)
     chunk: int = 0  # prompt tokens per prefill step (0: the whole prompt in one)
     first: int = 1  # steps of the prompt
+    pacing: bool = True  # pace the prompt's chunks layer by layer (not when the window holds the whole generation)
 
     @property
     def steps(self) -> int:
@@ -107,6 +109,50 @@ class _Gen:
     def shape(self, arch: Arch, step: int) -> StepShape:
         return StepShape(arch, self.prompt_len, step, self.chunk if self.first > 1 else 0)
 
+    def paced(self, step: int) -> bool:
+        """A chunk of a prompt fed in several: its offline phase is paced layer by layer (:class:`_Pace`)."""
+        return self.pacing and self.first > 1 and step < self.first
+
+
+class _Pace:
+    """How far a generation's chunked prefill has got, layer by layer, in each phase at one party.
+
+    A position is ``step·(layers + 1) + layer`` (layer ``layers``: the final norm and head). The
+    offline phase enters a position only once the online phase (U's, as U reports it to H) has
+    entered the position :data:`LAYER_LEAD` before it, and the online phase enters one once the
+    offline phase has finished it: each party holds a few layers of a chunk's offline material,
+    not the prompt's, whatever the prompt length.
+    """
+
+    def __init__(self, layers: int) -> None:
+        self.width = layers + 1
+        self.online = -1  # the last position the online phase entered
+        self.offline: dict[int, int] = {}  # step -> layers (gates) the offline phase has passed
+        self._tick = asyncio.Event()
+
+    def _bump(self) -> None:
+        self._tick.set()
+        self._tick = asyncio.Event()
+
+    async def _until(self, ok: Callable[[], bool]) -> None:
+        while not ok():
+            await self._tick.wait()
+
+    def entered_online(self, step: int, layer: int) -> None:
+        self.online = step * self.width + layer
+        self._bump()
+
+    def passed_offline(self, step: int, gates: int) -> None:
+        self.offline[step] = gates
+        self._bump()
+
+    async def offline_may_enter(self, step: int, layer: int) -> None:
+        await self._until(lambda: self.online >= step * self.width + layer - LAYER_LEAD)
+
+    async def online_may_enter(self, step: int, layer: int) -> None:
+        """Layer ``layer`` of ``step`` (−1: the embedding before layer 0) is done offline."""
+        await self._until(lambda: self.offline.get(step, -1) > layer)
+
 
 class _Party:
     """What the three party programs share: the forward, the setup of weights, the offline runner."""
@@ -122,6 +168,9 @@ class _Party:
         self.offline_s = 0.0  # wall time spent in offline steps (they overlap the online phase)
         self.offline_step_s: list[float] = []  # this generation's offline seconds per step (batches split evenly)
         self.progress: Progress | None = None  # progress of the setup and offline phases
+        self.pace: _Pace | None = None  # the running generation's chunked prefill, layer by layer
+        self.off: asyncio.Task | None = None  # the running generation's offline phase
+        self.ready: list[asyncio.Event] = []  # the running generation's steps done offline
 
     def tell_end(self, g: _Gen, *to: Role) -> None:
         """Tell ``to`` that this party has sent all it will for generation ``g`` (the channels keep order)."""
@@ -141,6 +190,8 @@ class _Party:
                    rng: np.random.Generator | None, sampler: Sampler) -> int | None:
         """One forward step and token selection in ``phase``; the token id at U online."""
         pv, ops = self.ops(phase, g.base + step, g.index)
+        if g.paced(step):
+            ops.pace = self._gate(phase, g, step)
         shape = g.shape(self.arch, step)  # type: ignore[arg-type]
         logits = await Forward(self.arch).step(ops, ids, shape)  # type: ignore[arg-type]
         if not shape.emits:
@@ -154,6 +205,36 @@ class _Party:
             return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
                                       vocab=self.arch.vocab, enc=enc)  # type: ignore[union-attr]
 
+    def _gate(self, phase: str, g: _Gen, step: int) -> Callable[[int], Awaitable[None]]:
+        """The per-layer pacing of a chunk of the prompt (:class:`_Pace`) in ``phase``."""
+        pace = self.pace
+        assert pace is not None
+
+        async def offline(layer: int) -> None:
+            if not self.p.is_helper:  # H follows U's online phase, as U reports it (HelperSession.credits)
+                pace.passed_offline(step, layer)
+            await pace.offline_may_enter(step, layer)
+
+        async def online(layer: int) -> None:
+            pace.entered_online(step, layer)
+            if self.p.is_user:
+                self.p.view("offline", g.base + step).send(Role.HELPER, at_tag(g, step, layer), True)
+            await self.offline_done(g, step, layer)
+        return offline if phase == "offline" else online
+
+    async def offline_done(self, g: _Gen, step: int, layer: int = -1) -> None:
+        """Wait until the offline phase has done ``step`` (a chunk of the prompt: its ``layer``, −1 the
+        embedding), failing at once if the offline phase failed."""
+        wait = self.pace.online_may_enter(step, layer) if g.paced(step) else self.ready[step].wait()  # type: ignore[union-attr]
+        await _first(wait, self.off)  # type: ignore[arg-type]
+
+    def start_offline(self, g: _Gen, window: asyncio.Semaphore | None) -> asyncio.Task:
+        """Start generation ``g``'s offline phase (its readiness per step: :meth:`offline_done`)."""
+        self.ready = [asyncio.Event() for _ in range(g.steps)]
+        self.pace = _Pace(self.arch.layers)  # type: ignore[union-attr]
+        self.off = asyncio.create_task(self.offline(g, self.ready, window))
+        return self.off
+
     async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
         if self.p.config.offline == "he" and not self.p.is_helper:
             return await self.offline_light(g, ready, window)
@@ -165,12 +246,15 @@ class _Party:
                     for _ in range(g.units(step)):
                         await window.acquire()
             t0 = time.perf_counter()
-            async with dealt_batch(self.p, [g.base + s for s in batch]):
+            # A chunk of the prompt sends its products layer by layer (it is paced): not in a batch.
+            async with dealt_batch(self.p, [g.base + s for s in batch]) if not g.paced(batch[0]) else _nothing():
                 for step in batch:
                     await self.step("offline", g, step, None, None, Sampler())
             self._timed(g, batch, time.perf_counter() - t0)
             for step in batch:
                 ready[step].set()
+                if g.paced(step) and self.pace is not None:
+                    self.pace.passed_offline(step, self.arch.layers + 1)  # type: ignore[union-attr]
                 if self.progress:
                     self.progress("offline", step + 1, g.steps)
 
@@ -267,6 +351,7 @@ class _Party:
         g.ahead = req.get("ahead", OFFLINE_AHEAD)
         if not isinstance(g.ahead, int) or not max(g.units(0), 1) <= g.ahead <= whole_window(g) + OFFLINE_AHEAD:
             raise ProtocolError(f"generation request: bad offline window {g.ahead!r}")
+        g.pacing = g.ahead < whole_window(g)
         self.gens += 1
         self.next_token += g.steps
         return g
@@ -282,6 +367,16 @@ def offline_batches(steps: int, size: int, first: int = 1) -> list[list[int]]:
 def used_tag(g: _Gen, step: int) -> tuple:
     """Tag of U's word to H that its online step ``step`` is over (H's window, :meth:`HelperSession.credits`)."""
     return ("flow", "used", g.base + step, "u")
+
+
+def at_tag(g: _Gen, step: int, layer: int) -> tuple:
+    """Tag of U's word to H that its online phase entered ``layer`` of a chunk of the prompt (:class:`_Pace`)."""
+    return ("flow", "at", g.base + step, layer)
+
+
+@contextlib.asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield
 
 
 def whole_window(g: _Gen) -> int:
@@ -331,12 +426,11 @@ class ModelSession(_Party):
     async def serve(self) -> None:
         """Answer generation requests until U closes the session."""
         async for g in self.requests():
-            ready = [asyncio.Event() for _ in range(g.steps)]
             window = asyncio.Semaphore(g.ahead)
-            off = asyncio.create_task(self.offline(g, ready, window))
+            off = self.start_offline(g, window)
             try:
                 for step in range(g.steps):
-                    await _first(ready[step].wait(), off)
+                    await self.offline_done(g, step)
                     await self.step("online", g, step, None, None, Sampler())
                     for _ in range(g.units(step)):
                         window.release()
@@ -382,7 +476,7 @@ class HelperSession(_Party):
         (it may stop early: H then stops dealing) and, at last, closes the session."""
         async for g in self.requests():
             window = asyncio.Semaphore(g.ahead)
-            off = asyncio.create_task(self.offline(g, [asyncio.Event() for _ in range(g.steps)], window))
+            off = self.start_offline(g, window)
             credit = asyncio.create_task(self.credits(g, window))
             end = asyncio.ensure_future(self.await_end(g, Role.USER))
             try:
@@ -401,8 +495,15 @@ class HelperSession(_Party):
     async def credits(self, g: _Gen, window: asyncio.Semaphore) -> None:
         """Free the window as U reports its online steps done (:func:`used_tag`): H deals at most
         ``g.ahead`` units ahead of U, so neither U nor M buffers more of its material than that."""
+        pace = self.pace
+        assert pace is not None
         for step in range(g.steps):
-            if await self.p.view("offline", g.base + step).recv(Role.USER, used_tag(g, step)) is not True:
+            pv = self.p.view("offline", g.base + step)
+            for layer in range(self.arch.layers + 1) if g.paced(step) else ():  # type: ignore[union-attr]
+                if await pv.recv(Role.USER, at_tag(g, step, layer)) is not True:
+                    raise ProtocolError(f"malformed pacing word for step {step} from the user party")
+                pace.entered_online(step, layer)
+            if await pv.recv(Role.USER, used_tag(g, step)) is not True:
                 raise ProtocolError(f"malformed offline credit for step {step} from the user party")
             for _ in range(g.units(step)):
                 window.release()
@@ -483,17 +584,16 @@ class UserSession(_Party):
         g = self.accept(req)
         self.last_steps: list[float] = []  # online seconds of each generated token (the first: all the prompt's steps)
         rng = make_rng(sampler)
-        ready = [asyncio.Event() for _ in range(g.steps)]
         window = asyncio.Semaphore(g.ahead)
-        off = asyncio.create_task(self.offline(g, ready, window))
+        off = self.start_offline(g, window)
         ids: list[int] = list(prompt_ids)
         done = False  # the generation was ended at all three parties
         spent = 0.0  # online seconds of the prompt's chunks so far
         try:
             if offline_first:
-                await _first(ready[-1].wait(), off)
+                await _first(self.ready[-1].wait(), off)
             for step in range(g.steps):
-                await _first(ready[step].wait(), off)
+                await self.offline_done(g, step)
                 t0 = time.perf_counter()
                 if step < g.first:
                     pos = g.shape(arch, step).pos
