@@ -144,9 +144,50 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompt_lens(text: str) -> int | list[int]:
+    """``--prompt-len``: one length (an int), or a comma-separated list of them (the scaling bench)."""
+    try:
+        if "," not in text:
+            return int(text)
+        lens = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a length or a comma-separated list of lengths, got {text!r}") \
+            from None
+    if not lens or min(lens) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive lengths, got {text!r}")
+    return lens
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    """``permllm bench MODEL --prompt-len L1,L2,...``: the scaling bench, one report for all lengths."""
+    from .runtime.scaling import bench_scaling, format_scaling, plot_scaling
+
+    if args.target not in ("smollm2", "gemma3-270m"):
+        raise SystemExit("permllm bench: a list of prompt lengths goes with smollm2 or gemma3-270m")
+    if args.rtt or args.bandwidth:
+        raise SystemExit("permllm bench: the scaling bench (a list of prompt lengths) runs without --rtt/--bandwidth")
+
+    def progress(row: dict[str, Any]) -> None:  # a long run's progress, on stderr (stdout holds the report)
+        failed = "; ".join(f"{k}: {v}" for k, v in row["errors"].items())
+        ms = {k: "-" if row[k] is None else f"{row[k]:,.0f}" for k in ("ttft_ms", "plaintext_ttft_ms")}
+        print(f"prompt {row['prompt_len']}: time to first token {ms['ttft_ms']} ms, plaintext "
+              f"{ms['plaintext_ttft_ms']} ms" + (f"; failed: {failed}" if failed else ""), file=sys.stderr,
+              flush=True)
+    r = bench_scaling(args.target, args.prompt_len, transport=args.transport, config=_config(args),
+                      progress=progress)
+    if args.plot:
+        plot_scaling(r, args.plot)
+    print(json.dumps(r) if args.json else format_scaling(r))
+    return 0
+
+
 async def _bench(args: argparse.Namespace) -> int:
     from .runtime.bench import KEYS, bench_chatglm_layer, bench_model
 
+    if isinstance(args.prompt_len, list):
+        return await asyncio.to_thread(_scaling, args)
+    if args.plot:
+        raise SystemExit("permllm bench: --plot goes with a comma-separated list of prompt lengths")
     if args.target in ("smollm2", "gemma3-270m"):
         r = await bench_model(args.target, args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.transport,
                               _config(args))
@@ -274,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("target", choices=["smollm2", "gemma3-270m", "chatglm6b-layer"])
     b.add_argument("--json", action="store_true")
     b.add_argument("--tokens", type=int, default=8, help="generated tokens (decode steps)")
-    b.add_argument("--prompt-len", type=int, default=64)
+    b.add_argument("--prompt-len", type=_prompt_lens, default=64, metavar="L[,L...]",
+                   help="prompt length; a comma-separated list runs the scaling bench (smollm2, gemma3-270m): per "
+                        "length, time to first token, prefill traffic and each party's peak memory")
+    b.add_argument("--plot", metavar="PATH.png", default=None,
+                   help="with a list of prompt lengths: write the scaling chart there")
     b.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
     b.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
     b.add_argument("--transport", choices=["memory", "tcp"], default="tcp")

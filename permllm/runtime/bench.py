@@ -32,7 +32,7 @@ from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_on
 from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
 
-__all__ = ["KEYS", "bench_smollm2", "bench_model", "bench_chatglm_layer"]
+__all__ = ["KEYS", "TEXT", "TTFT_REPS", "prompt_ids", "bench_smollm2", "bench_model", "bench_chatglm_layer"]
 
 EDGE_HOPS = 3 + 2 + 3  # per token besides the layers: embedding (one-hot, lift), final norm, token selection
 KEYS = ("online_ms_per_token", "plaintext_ms_per_token", "offline_ms_per_token", "hops_per_layer",
@@ -44,6 +44,15 @@ TTFT_REPS = 3  # smollm2: time to first token is the median of this many prefill
 TEXT = ("The history of the city begins with a small settlement on the river, where traders met to exchange "
         "grain, salt and cloth. Over the centuries it grew into a busy port with markets, schools and bridges, "
         "and its people became known for their music, their gardens and their careful records of the weather. ")
+
+
+def prompt_ids(tokenizer: Any | None, vocab: int, length: int) -> list[int]:
+    """The bench's prompt of ``length`` tokens: :data:`TEXT` repeated, tokenized and cut (for a model without a
+    tokenizer, TEXT's bytes modulo its vocabulary), so that the prompts of all lengths share a prefix."""
+    text = TEXT * (1 + length // 40)
+    if tokenizer is None:
+        return [b % vocab for b in text.encode()][:length]
+    return list(tokenizer.encode(text))[:length]
 
 
 def _link(rtt_ms: float, bandwidth_mbit: float | None) -> LinkEmulator | None:
@@ -105,7 +114,7 @@ async def bench_model(model: str, tokens: int = 16, prompt_len: int = 64, rtt_ms
     from ..model.loaders import model_dir
 
     lm = await asyncio.to_thread(load_model, model)
-    ids = lm.tokenizer.encode(TEXT * (1 + prompt_len // 40))[:prompt_len]
+    ids = prompt_ids(lm.tokenizer, lm.arch.vocab, prompt_len)
     hf = AutoModelForCausalLM.from_pretrained(model_dir(model), dtype=torch.float32).eval()
     with torch.no_grad():  # plaintext: prefill then decode with the KV cache
         hf(torch.tensor([ids]))  # warm-up
