@@ -79,7 +79,8 @@ async def _generate(args: argparse.Namespace) -> int:
         prompt: Any = args.prompt
         if args.ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
-        async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler):
+        chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
+        async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler, **chunk):
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="prompt tokens per prefill step (default 256; 0: the whole prompt in one step): each "
+                        "party then holds a few layers of one chunk's correlations, whatever the prompt length")
     g.add_argument("--transport", choices=["memory", "tcp"], default="memory",
                    help="links between the embedded parties")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
