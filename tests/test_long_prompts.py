@@ -121,3 +121,21 @@ async def test_bad_chunk_requests_are_refused(tmp_path):
     async with await permllm.local(load_model(str(d))) as s:
         with pytest.raises(ValueError, match="prefill chunk"):
             [t async for t in s.generate_ids(PROMPT, 2, prefill_chunk=-1)]
+
+
+async def test_route8_decode_past_its_key_limit_takes_the_12_hop_ops(tmp_path, monkeypatch):
+    """Past ATTN8_MAX_KEYS keys a decode step leaves the fused op (its offline copies of the cache grow
+    with the context): mid-generation, on the same caches, the ids stay transformers'."""
+    from permllm.model import forward
+    d, m = _llama_dir(tmp_path)
+    monkeypatch.setattr(forward, "ATTN8_MAX_KEYS", len(PROMPT) + 2)
+    fused = []
+    orig = forward.attention_decode
+
+    async def spy(p, name, *a, **kw):
+        fused.append(p.token)
+        return await orig(p, name, *a, **kw)
+    monkeypatch.setattr(forward, "attention_decode", spy)
+    assert await _chunked_ids(d, "8") == hf_greedy(m, PROMPT, NEW)
+    steps = sorted({t for t in fused})  # token indices of the steps that took the fused op
+    assert len(steps) == 2  # decode steps with 27 and 28 keys; the later ones (29 … 31) took the 12-hop ops

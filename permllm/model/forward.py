@@ -40,6 +40,10 @@ __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "ca
            "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
+# The 8-hop route's helper sends U masked permuted copies of the whole KV cache every decode step
+# (2·heads·keys·head_dim words per layer and lane): past this many keys a decode step takes the 12-hop
+# ops instead, so a long session's offline traffic per token stays bounded (docs/design.md §3.7).
+ATTN8_MAX_KEYS = 256
 
 Value = Any  # np.ndarray, or None where a party holds no value
 
@@ -749,15 +753,17 @@ class PrivateOps:
     async def attention(self, i: int, x: Value, s: StepShape) -> tuple[Value, Value, Value]:
         """norm1 … P·V: the fused 8-hop op in decode when the session's route is "8", else the 12-hop ops.
 
-        Prefill (T > 1) always takes the 12-hop ops; both routes share the KV caches. On the ring the fused op
+        Prefill (T > 1) and a decode step past :data:`ATTN8_MAX_KEYS` keys take the 12-hop ops; both routes
+        share the KV caches. On the ring the fused op
         runs the wide plan's encodings (norm1's output through P·V on Z_N). Returns (norm output, attention
         output, residual stream).
         """
         a, n = self.arch, f"L{i}"
         if (self.p is None or self.p.config.attention_route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
-                or window_starts(a, i, s.valid).any() or a.qk_norm):
+                or window_starts(a, i, s.valid).any() or a.qk_norm or s.past + s.T > ATTN8_MAX_KEYS):
             # The fused op reveals every score of its row: only a step that attends to all keys takes it. Its
             # keys are linear in the norm's output (the w-linear): a QK-norm between them takes the 12-hop ops.
+            # Past ATTN8_MAX_KEYS keys its offline copies of the cache cost more than the 4 hops it saves.
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
         mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one, layer=i)) > 0
