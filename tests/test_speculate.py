@@ -32,7 +32,7 @@ def _lookup_reference(ids: list[int], k: int, ngram_max: int = 3, ngram_min: int
     for n in range(min(ngram_max, L), ngram_min - 1, -1):
         starts = [i for i in range(L - n) if ids[i:i + n] == ids[L - n:]]
         if starts:
-            s = ids + []
+            s = list(ids)
             for j in range(k):
                 s.append(s[starts[-1] + n + j])
             return s[L:]
@@ -136,6 +136,7 @@ def test_speculator_drafts_in_hindsight_at_k0():
     assert s.propose([1, 2, 6, 5], 10) == [5]
     assert s.propose([1, 2, 6, 5], 0) == []  # the generation's last token: no drafts
     assert (s.stats.passes, s.stats.rows, s.stats.drafted, s.stats.accepted) == (2, 2, 0, 0)
+    assert Speculator(_Script(5), AdaptiveK.fixed(3), eos_ids=[5]).propose([1], 10) == []  # stops before an end id
 
 
 # -- greedy: a real model verifies ----------------------------------------------------------
@@ -185,9 +186,10 @@ def test_speculative_greedy_stops_at_eos(llama):
     target, _ = llama
     want = hf_greedy(target, PROMPT, 60)
     eos = want[40]
-    got = speculative_generate(GreedyVerifier(target), Speculator(PromptLookup(), AdaptiveK.fixed(8)), PROMPT, 60,
-                               eos_ids=[eos])
+    s = Speculator(DraftModel(target), AdaptiveK.fixed(8), eos_ids=[eos])
+    got = speculative_generate(GreedyVerifier(target), s, PROMPT, 60, eos_ids=[eos])
     assert got == want[:want.index(eos) + 1]
+    assert s.stats.rows == len(got)  # a perfect drafter, whose drafts stop before the end id
 
 
 # -- sampling ------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ class _CachedLM:
         import torch
 
         keep = min(len(ids) - rows, len(self.ids))
-        keep = next((i for i in range(keep) if ids[i] != self.ids[i]), keep)
+        if ids[:keep] != self.ids[:keep]:  # not an extension (a rejected draft): the common prefix
+            keep = next(i for i in range(keep) if ids[i] != self.ids[i])
         if keep == 0:
             self.cache = self._new_cache()
         elif self.cache.get_seq_length() > keep:
@@ -238,21 +239,25 @@ class Speculator:
     """U's side of speculative decoding around a verify pass: :meth:`propose` the drafts, then
     :meth:`settle` what selection chose into the tokens to emit, adapting K as it goes."""
 
-    def __init__(self, drafter: Drafter, policy: AdaptiveK | None = None) -> None:
+    def __init__(self, drafter: Drafter, policy: AdaptiveK | None = None, eos_ids: Iterable[int] = ()) -> None:
         self.drafter, self.policy = drafter, policy or AdaptiveK()
+        # drafts stop before an end id: the row after the drafts chooses it as well, and nothing after it is emitted
+        self.eos = set(eos_ids)
         self.stats = SpecStats()
         self._hindsight: list[int] = []  # at K = 0: the one draft that was not sent
 
     def propose(self, context: list[int], limit: int) -> list[int]:
         """The drafts to verify after ``context`` in the next pass: at most :attr:`AdaptiveK.k` and ``limit``
-        (the tokens the generation may still emit, less the one every pass emits)."""
+        (the tokens the generation may still emit, less the one every pass emits), and none from an end id on."""
         k = min(self.policy.k, limit)
         self._hindsight = []
         if k <= 0:
             if self.policy.k == 0 and limit > 0:
                 self._hindsight = self.drafter.draft(context, 1)[:1]
             return []
-        return [int(t) for t in self.drafter.draft(context, k)[:k]]
+        drafts = [int(t) for t in self.drafter.draft(context, k)[:k]]
+        end = next((i for i, t in enumerate(drafts) if t in self.eos), len(drafts))
+        return drafts[:end]
 
     def settle(self, drafts: list[int], chosen: list[int]) -> list[int]:
         """The tokens the pass emits (:func:`accept`); records the pass and adapts K."""
@@ -262,14 +267,18 @@ class Speculator:
         elif self._hindsight:
             self.policy.update(1, int(self._hindsight[0] == chosen[0]))
         s = self.stats
-        s.passes, s.rows, s.drafted, s.accepted = s.passes + 1, s.rows + len(chosen), s.drafted + len(drafts), s.accepted + n
+        s.passes += 1
+        s.rows += len(chosen)
+        s.drafted += len(drafts)
+        s.accepted += n
         return out
 
 
 def speculative_generate(verify: Verify, speculator: Speculator, prompt: list[int], max_new: int,
                          eos_ids: Iterable[int] = ()) -> list[int]:
     """Generate up to ``max_new`` tokens after ``prompt`` by verify passes (stopping after an id in
-    ``eos_ids``); ``verify(context, drafts)`` returns the K + 1 tokens chosen at the verified positions."""
+    ``eos_ids``: give the speculator the same ones); ``verify(context, drafts)`` returns the K + 1 tokens
+    chosen at the verified positions."""
     eos = set(eos_ids)
     ids, out = list(prompt), []
     while len(out) < max_new:
