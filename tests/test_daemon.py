@@ -235,10 +235,12 @@ def test_kill_user_mid_generation(dep):
     user.stderr.close()
     assert out.count(b" ") >= 3, "the user printed no tokens before the kill"
     assert [int(t) for t in out.split()[:3]] == greedy(dep, [5, 17, 42], 3)
-    m = dep.model.wait_log(r"session ([0-9a-f]{32}): ended: PeerClosed: (peer '[^']+' closed the connection|"
-                           r"connection to peer '[^']+' was lost)", start=m_start)
+    # Each of M and H learns it from its own link to the user or from the other's abort, whichever comes first
+    # (H waits for the user's credits, M for the user's step control or for H's correlations).
+    m = dep.model.wait_log(r"session ([0-9a-f]{32}): ended: (PeerClosed: (peer '[^']+' closed the connection|"
+                           r"connection to peer '[^']+' was lost)|PeerAborted: peer 'helper' ended the session: "
+                           r"the helper party ended session [0-9a-f]{32}: PeerClosed)", start=m_start)
     sid = m.group(1)
-    # The helper learns it from its own link to the user or from the model party's abort, whichever comes first.
     dep.helper.wait_log(f"session {sid}: ended: (PeerClosed: peer '[^']+' closed the connection|PeerClosed: "
                         f"connection to peer '[^']+' was lost \\(.*\\)|PeerAborted: peer '[^']+' ended the session: "
                         f"the model party ended session {sid}: PeerClosed)", start=h_start)

@@ -139,3 +139,27 @@ async def test_route8_decode_past_its_key_limit_takes_the_12_hop_ops(tmp_path, m
     assert await _chunked_ids(d, "8") == hf_greedy(m, PROMPT, NEW)
     steps = sorted({t for t in fused})  # token indices of the steps that took the fused op
     assert len(steps) == 2  # decode steps with 27 and 28 keys; the later ones (29 … 31) took the 12-hop ops
+
+
+async def test_prefill_sends_only_the_causal_half_of_its_score_sized_messages(tmp_path):
+    """q·Kᵀ's helper correlation and user share (to M) carry each row's causal prefix only: heads × Σ_rows
+    valid entries, for every chunk (P·V's opened P as well), with ids still transformers'."""
+    import json
+    d, m = _llama_dir(tmp_path)  # 6 heads
+    async with await permllm.local(load_model(str(d)), transcript=tmp_path / "t") as s:
+        got = [t async for t in s.generate_ids(PROMPT, 2, prefill_chunk=CHUNK)]
+    assert got == hf_greedy(m, PROMPT, 2)
+
+    def sizes(role: str, tag: list) -> list[int]:
+        index = json.loads((tmp_path / "t" / role / "index.json").read_text())
+        out = []
+        for e in index:
+            if e["tag"][:2] == tag[:2] and e["tag"][3] == tag[2]:
+                a = np.load(tmp_path / "t" / role / e["file"], allow_pickle=False)
+                out.append(a.size)
+        return out
+    chunks = [(past, min(CHUNK, len(PROMPT) - past)) for past in range(0, len(PROMPT), CHUNK)]
+    want = [6 * sum(past + t + 1 for t in range(T)) for past, T in chunks]  # the decode step: the fused op
+    assert sizes("model", ["smm", "L0.s", "u"]) == want
+    assert sizes("model", ["smm", "L0.s", "c"]) == want
+    assert sizes("user", ["smm", "L0.att", "open"])[::2] == want  # [P_M − α packed, V_M,new − β] per chunk

@@ -199,14 +199,14 @@ async def attention_block(ops: "PlainOps | PrivateOps", a: Arch, i: int, x: Valu
     k = await ops.rope(f"{n}.k", k, s, i)
     v = ops.note(f"{n}.v", v)
     keys = s.past + T
-    sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k")
+    sc = await ops.smm(f"{n}.s", q, k, f"{n}.K", True, f"{n}.q", f"{n}.k", s.valid)
     start = window_starts(a, i, s.valid)
     if start.any():  # a sliding window: each row's keys [start, valid) become its prefix (a public shift)
         sc = ops.local(lambda z: shift_rows(z, start), sc)
     pr = await ops.softmax(f"{n}.p", sc, s.valid - start, a.score_scale, f"{n}.s", (a.kv_heads, a.group, T, keys))
     if start.any():
         pr = ops.local(lambda z: shift_rows(z, -start), pr)
-    att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v")
+    att = await ops.smm(f"{n}.att", pr, v, f"{n}.V", False, f"{n}.p", f"{n}.v", s.valid)
     return h, att, x
 
 
@@ -282,7 +282,7 @@ class PlainOps:
         return self.note(name, rope(self.arch, x, s.pos, s.block, layer=layer))
 
     async def smm(self, name: str, a: np.ndarray, b_new: np.ndarray, cache: str, transpose_b: bool,
-                  src_a: str, src_b: str) -> np.ndarray:
+                  src_a: str, src_b: str, valid: np.ndarray | None = None) -> np.ndarray:
         old = self.cache.get(cache)
         b = b_new if old is None else np.concatenate([old, b_new], -2)
         self.cache[cache] = b
@@ -713,8 +713,9 @@ class PrivateOps:
 
     @_traced
     async def smm(self, name: str, a: Value, b_new: Value, cache: str, transpose_b: bool,
-                  src_a: str, src_b: str) -> Value:
-        kw = dict(transpose_b=transpose_b, mag_a=self._mag(src_a), mag_b=self._mag(src_b),
+                  src_a: str, src_b: str, valid: np.ndarray | None = None) -> Value:
+        """q·Kᵀ or P·V against the cache; ``valid``: the rows' causal prefixes (the messages carry those only)."""
+        kw = dict(transpose_b=transpose_b, valid=valid, mag_a=self._mag(src_a), mag_b=self._mag(src_b),
                   mag_out=self._mag(name) if transpose_b else self._col(name),  # scores: keys vary
                   l2_a=self._mag(src_a + "|l2"), l2_b=self._mag(src_b + "|cols|l2"))
         if not self.ring:

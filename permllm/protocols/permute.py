@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import ring
+from . import prefix, ring
 from .config import RING_BITS
 from .party import Party, ProtocolError, Role
 from .prg import flat_permutation, row_permutation
@@ -89,32 +89,7 @@ def _perm(p: Party, name: str, shape: tuple[int, ...], mode: str, valid: np.ndar
 
 def _prefix(shape: tuple[int, ...], mode: str, valid: np.ndarray | None) -> np.ndarray | None:
     """Which entries lie in their row's valid prefix (π keeps them in front), or None when all do."""
-    if mode != "rows" or valid is None:
-        return None
-    v = np.broadcast_to(np.asarray(valid, dtype=np.int64), shape[:-1])
-    keep = np.arange(shape[-1]) < v[..., None]
-    return None if keep.all() else keep
-
-
-def _pack(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    """The entries of ``x`` inside the valid prefixes, row after row (all of ``x`` when ``keep`` is None)."""
-    return x if keep is None else x[keep]
-
-
-def _unpack(packed: np.ndarray, keep: np.ndarray | None, what: str) -> np.ndarray:
-    """Inverse of :func:`_pack`: the valid entries in place, zeros past each prefix."""
-    if keep is None:
-        return packed
-    if packed.shape != (int(keep.sum()),):
-        raise ProtocolError(f"{what}: expected the {int(keep.sum())} valid entries, got shape {packed.shape}")
-    out = np.zeros(keep.shape, dtype=packed.dtype)
-    out[keep] = packed
-    return out
-
-
-def _zero_tail(x: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    """``x`` with the entries past each valid prefix set to 0 (a copy where it changes anything)."""
-    return x if keep is None else np.where(keep, x, x.dtype.type(0))
+    return prefix.mask(shape, valid) if mode == "rows" else None
 
 
 async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *, mags: Sequence[float],
@@ -175,7 +150,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         pi = _perm(p, pn, shp, mode, valid)
         keep = _prefix(shp, mode, valid)
         p.send(Role.MODEL, p.tag("perm", name, "delta"),
-               [out(_pack(pi.apply(x) - b, keep), w) for x, b, w in zip(xs, bs, wires)])
+               [out(prefix.pack(pi.apply(x) - b, keep), w) for x, b, w in zip(xs, bs, wires)])
         return None
     if p.is_model:
         deltas, pi = p.take(name + "/reveal")
@@ -191,7 +166,7 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
             d = got(d, w, want, f"permute_reveal {name!r}: the helper's correlation")
             if tuple(d.shape) != want:
                 raise ProtocolError(f"permute_reveal {name!r}: correlation shape {d.shape} != {want}")
-            ms.append(out(_pack(pi.apply(x), keep) + d, w))
+            ms.append(out(prefix.pack(pi.apply(x), keep) + d, w))
         p.send(Role.USER, p.tag("perm", name, "m"), ms)
         return None
     if p.is_user:
@@ -207,12 +182,12 @@ async def permute_reveal(p: Party, name: str, xs: Sequence[np.ndarray | None], *
         keep = _prefix(tuple(bs[0].shape), mode, valid)
         res = []
         for m, b, w in zip(ms, bs, wires):
-            b = _pack(b, keep)
+            b = prefix.pack(b, keep)
             m = got(m, w, b.shape, f"permute_reveal {name!r}: the model party's message")
             if not isinstance(m, np.ndarray) or m.shape != b.shape or m.dtype != b.dtype:
                 raise ProtocolError(f"permute_reveal {name!r}: bad array from the model party")
             v = (m + b) & _low(w) if rg else m + b
-            res.append(_unpack(v, keep, f"permute_reveal {name!r}"))
+            res.append(prefix.unpack(v, keep, f"permute_reveal {name!r}"))
         return res
     raise ProtocolError(f"permute_reveal {name!r}: the helper has no online branch")
 
@@ -251,9 +226,9 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if p.is_model:  # γ travels without the entries past each prefix (0 there: a′ and b′ are)
             gamma = await p.recv_array(Role.HELPER, p.tag("unperm", name, "gamma"),
                                        tuple(shape) if keep is None else (int(keep.sum()),))
-            p.keep(name + "/unperm", _unpack(gamma, keep, f"reshare_unpermute {name!r}: the helper's correlation"))
+            p.keep(name + "/unperm", prefix.unpack(gamma, keep, f"reshare_unpermute {name!r}: the helper's correlation"))
             return None
-        b = _zero_tail(_b_mask(p, name, shape, mag_b), keep)
+        b = prefix.zero_tail(_b_mask(p, name, shape, mag_b), keep)
         if p.is_user:
             if p.config.offline == "he":  # the light client draws a′ and b′ again online
                 p.plan_mask("uh", name, "a'", shape, mag)
@@ -261,9 +236,9 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
             else:
                 p.keep(name + "/unperm", (_a_mask(p, name, shape, mag), b))  # a′ past a prefix is never sent
         else:
-            a = _zero_tail(_a_mask(p, name, shape, mag), keep)
+            a = prefix.zero_tail(_a_mask(p, name, shape, mag), keep)
             pi = _perm(p, perm_name, tuple(shape), mode, valid)
-            p.send(Role.MODEL, p.tag("unperm", name, "gamma"), _pack(pi.invert(a) - b, keep))
+            p.send(Role.MODEL, p.tag("unperm", name, "gamma"), prefix.pack(pi.invert(a) - b, keep))
         return b
     if p.is_user:
         light = p.config.offline == "he"
@@ -277,9 +252,9 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         keep = _prefix(tuple(y.shape), mode, valid)
-        p.send(Role.MODEL, p.tag("unperm", name, "y"), _pack(np.asarray(y, dtype=p.dtype) - a, keep))
+        p.send(Role.MODEL, p.tag("unperm", name, "y"), prefix.pack(np.asarray(y, dtype=p.dtype) - a, keep))
         if light:  # drawn after the message has left: off the online critical path
-            b = _zero_tail(_b_mask(p, name, y.shape, mag_b, again=True), keep)
+            b = prefix.zero_tail(_b_mask(p, name, y.shape, mag_b, again=True), keep)
         return b
     if p.is_model:
         gamma = p.take(name + "/unperm")
@@ -287,7 +262,7 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         keep = _prefix(tuple(gamma.shape), mode, valid)
         d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"),
                                gamma.shape if keep is None else (int(keep.sum()),))
-        return pi.invert(_unpack(d, keep, f"reshare_unpermute {name!r}")) + gamma
+        return pi.invert(prefix.unpack(d, keep, f"reshare_unpermute {name!r}")) + gamma
     raise ProtocolError(f"reshare_unpermute {name!r}: the helper has no online branch")
 
 
