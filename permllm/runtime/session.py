@@ -727,7 +727,7 @@ class UserSession(_Party):
             raise ValueError("speculative decoding needs the dealt offline phase (the light mode has no verify passes)")
         chunk = 0 if p.config.offline == "he" else int(prefill_chunk)
         g = _Gen(self.gens, self.next_token, len(prompt_ids), max_new_tokens, chunk=chunk,
-                 first=prompt_steps(arch, len(prompt_ids), chunk))
+                 first=prompt_steps(arch, len(prompt_ids), chunk), speculate=speculate is not None)
         ahead = whole_window(g) if offline_first else (
             _light_ahead(max_new_tokens) if p.config.offline == "he" else OFFLINE_AHEAD)
         req = {"base": g.base, "prompt_len": g.prompt_len, "max_new": g.max_new, "ahead": ahead, "chunk": chunk}
