@@ -80,7 +80,9 @@ async def _generate(args: argparse.Namespace) -> int:
         if args.ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-        async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler, **chunk):
+        spec = _speculator(args, session.arch.eos_ids)
+        async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler,
+                                            speculate=spec, **chunk):
             if not args.json:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -93,7 +95,33 @@ async def _generate(args: argparse.Namespace) -> int:
               f"({r.online_bytes / 1e6:.1f} MB, {r.online_hops} hops), offline {r.offline_s:.1f} s "
               f"({r.offline_bytes / 1e6:.1f} MB), setup {r.setup_s:.1f} s ({r.setup_bytes / 1e6:.0f} MB)]",
               file=sys.stderr)
+        if r.speculative:
+            print(f"[{r.passes} verify passes, {sum(r.accepted)} of {sum(r.drafted)} drafts accepted]",
+                  file=sys.stderr)
     return 0
+
+
+def _draft_tokens(v: str) -> int:
+    """--draft-tokens: a number of drafts >= 0, or auto (0: adaptive)."""
+    if v == "auto":
+        return 0
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {v!r}")
+    return int(v)
+
+
+def _speculator(args: argparse.Namespace, eos_ids: Any) -> Any:
+    """The user's speculator from --speculate, --draft-tokens and --draft (None: off)."""
+    if args.speculate == "off":
+        return None
+    from .runtime.speculate import AdaptiveK, DraftModel, PromptLookup, Speculator
+
+    policy = AdaptiveK.fixed(args.draft_tokens) if args.draft_tokens else AdaptiveK()
+    if args.speculate == "draft":
+        if not args.draft:
+            raise SystemExit("permllm generate: --speculate draft needs --draft MODEL (same tokenizer)")
+        return Speculator(DraftModel(args.draft), policy, eos_ids)
+    return Speculator(PromptLookup(), policy, eos_ids)
 
 
 def _tokenizer_source(model: str, ids: bool) -> str | None:
@@ -273,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens per prefill step (default 256; 0: the whole prompt in one step): each "
                         "party then holds a few layers of one chunk's correlations, whatever the prompt length")
+    g.add_argument("--speculate", choices=["off", "prompt-lookup", "draft"], default="off",
+                   help="speculative decoding: the user drafts tokens (copies from the context, or a small public "
+                        "draft model) and one private pass verifies them; the same tokens in fewer hops")
+    g.add_argument("--draft-tokens", type=_draft_tokens, default=0, metavar="K",
+                   help="drafts per verify pass (0 or auto: adapted to the acceptance)")
+    g.add_argument("--draft", metavar="MODEL", default=None,
+                   help="the draft model (a named model or an HF directory) for --speculate draft")
     g.add_argument("--transport", choices=["memory", "tcp"], default="memory",
                    help="links between the embedded parties")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")

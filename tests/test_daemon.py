@@ -81,6 +81,17 @@ async def test_mtls_session_matches_transformers(dep):
     dep.model.wait_log(r"finished after .* \(0 active\)")
 
 
+async def test_speculation_against_daemons(dep):
+    """Verify passes across the daemons (U's control maps over mutual TLS): transformers' ids."""
+    from permllm.runtime.speculate import AdaptiveK, PromptLookup, Speculator
+
+    prompt = PROMPTS[3] * 3
+    async with await dep.session() as s:
+        spec = Speculator(PromptLookup(), AdaptiveK(k_max=4))
+        assert [t async for t in s.generate_ids(prompt, 16, speculate=spec)] == greedy(dep, prompt, 16)
+        assert s.last.passes < 15
+
+
 @pytest.fixture(scope="module")
 def bad_certs(dep):
     """Certificates the deployment must refuse: another CA's, an expired one (right CA), another role's."""

@@ -31,7 +31,7 @@ from ..protocols.ring import RingOverflow
 from ..protocols.attention import AttnEnc, AttnMags, AttnSpec, attention_decode
 from ..protocols.embedding import setup_table, table_scale
 from .arch import Arch, ModelWeights
-from .layout import (from_qk_rows, merge_heads, positions, prompt_steps, qk_rows, rope, rope_bits, shift_rows,
+from .layout import (from_qk_rows, merge_heads, pass_positions, positions, prompt_steps, qk_rows, rope, rope_bits, shift_rows,
                      split_heads, valid_lengths, window_starts)
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
@@ -50,15 +50,28 @@ Value = Any  # np.ndarray, or None where a party holds no value
 
 class StepShape:
     """Public shape of one step: T new tokens after ``past`` cached ones; ``emits``: the step ends in a
-    token (every step but a long prompt's chunks before its last, :func:`~permllm.model.layout.positions`)."""
+    token (every step but a long prompt's chunks before its last, :func:`~permllm.model.layout.positions`);
+    ``out``: how many of the last rows get logits (1; all T in a verify pass, :meth:`verify`)."""
 
-    __slots__ = ("T", "past", "pos", "block", "valid", "emits")
+    __slots__ = ("T", "past", "pos", "block", "valid", "emits", "out")
 
     def __init__(self, arch: Arch, prompt_len: int, step: int, chunk: int = 0) -> None:
         self.pos, self.block, self.past = positions(arch, prompt_len, step, chunk)
         self.T = len(self.pos)
         self.valid = valid_lengths(arch, self.T, self.past)
         self.emits = step >= prompt_steps(arch, prompt_len, chunk) - 1
+        self.out = 1
+
+    @classmethod
+    def verify(cls, arch: Arch, prompt_len: int, past: int, T: int) -> "StepShape":
+        """A verify pass of speculative decoding: T generated tokens (the last emitted one, then T − 1 drafts)
+        after ``past`` cached ones, causal among themselves, with the logits of every row."""
+        s = cls.__new__(cls)
+        s.pos, s.block = pass_positions(arch, prompt_len, past, T)
+        s.past, s.T = past, T
+        s.valid = valid_lengths(arch, T, past)
+        s.emits, s.out = True, T
+        return s
 
 
 def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list[tuple[str, str]]:
@@ -134,8 +147,8 @@ class Forward:
         self.arch = arch
 
     async def step(self, ops: "PlainOps | PrivateOps", ids: Any, shape: StepShape) -> Value:
-        """Logits (1, vocab) of the last new token, given the step's token ids (held by U); None for a chunk
-        of the prompt before its last (it only fills the caches)."""
+        """Logits (``shape.out``, vocab) of the last new tokens (one, or a verify pass's every row), given the
+        step's token ids (held by U); None for a chunk of the prompt before its last (it only fills the caches)."""
         a = self.arch
         x = await ops.embed("embed", ids, shape.T, shape.pos if a.pos == "learned" else None)
         for i in range(a.layers):
@@ -144,8 +157,9 @@ class Forward:
         await ops.gate(a.layers)
         if not shape.emits:
             return None
-        x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
-        h, _ = await ops.norm("final.n", x, "final.x", (1, a.hidden))
+        r = shape.out
+        x = ops.note("final.x", ops.local(lambda v: v[-r:], x))
+        h, _ = await ops.norm("final.n", x, "final.x", (r, a.hidden))
         if a.tied_head:
             h = await ops.linear("final", h, "final", "final.n", kind="diag")
             return await ops.linear("logits", h, "embed", "final")

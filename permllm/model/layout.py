@@ -13,8 +13,8 @@ import numpy as np
 
 from .arch import Arch
 
-__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "prompt_steps",
-           "valid_lengths", "window_starts", "shift_rows"]
+__all__ = ["split_heads", "merge_heads", "qk_rows", "from_qk_rows", "rope", "rope_bits", "positions", "pass_positions",
+           "prompt_steps", "valid_lengths", "window_starts", "shift_rows"]
 
 
 def split_heads(arch: Arch, qkv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,6 +132,16 @@ def positions(arch: Arch, prompt_len: int, step: int, chunk: int = 0) -> tuple[n
     if arch.pos == "rope2d":
         return np.array([prompt_len - 1]), np.array([k]), past
     return np.array([past]), None, past
+
+
+def pass_positions(arch: Arch, prompt_len: int, past: int, T: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Position ids (and ChatGLM block ids) of a verify pass: T generated tokens after ``past`` cached ones
+    (positions past … past + T − 1; ChatGLM: the [gMASK] position and block positions k … k + T − 1, the
+    k-th generated token first, as :func:`positions` places generated tokens one by one)."""
+    if arch.pos == "rope2d":
+        k = past - prompt_len + 1
+        return np.full(T, prompt_len - 1), np.arange(k, k + T)
+    return np.arange(past, past + T), None
 
 
 def valid_lengths(arch: Arch, T: int, past: int) -> np.ndarray:

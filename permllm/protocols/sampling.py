@@ -16,10 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-__all__ = ["Sampler", "choose", "make_rng"]
+__all__ = ["Sampler", "choose", "make_rng", "Uniform"]
+
+
+class Uniform(Protocol):
+    """What :func:`choose` draws from: one uniform number in [0, 1) per sampled token (a numpy Generator)."""
+
+    def random(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +65,7 @@ def make_rng(sampler: Sampler) -> np.random.Generator:
     return np.random.default_rng(sampler.seed)
 
 
-def choose(logits: np.ndarray, sampler: Sampler, rng: np.random.Generator | None = None) -> int:
+def choose(logits: np.ndarray, sampler: Sampler, rng: Uniform | None = None) -> int:
     """An index into the 1-D ``logits`` chosen by ``sampler``.
 
     Greedy returns the index of the largest value; among exactly equal maxima it

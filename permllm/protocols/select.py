@@ -26,7 +26,7 @@ import numpy as np
 from . import ring
 from .party import Party, ProtocolError, Role, check_array
 from .permute import _perm, permute_reveal
-from .sampling import Sampler, choose
+from .sampling import Sampler, Uniform, choose
 
 __all__ = ["retrieve", "select_token"]
 
@@ -110,7 +110,7 @@ async def retrieve(p: Party, name: str, index: int | None, table: np.ndarray | N
 
 
 async def select_token(p: Party, name: str, logits: np.ndarray | None, *, sampler: Sampler,
-                       rng: np.random.Generator | None, mag: float, vocab: int,
+                       rng: Uniform | None, mag: float, vocab: int,
                        enc: "ring.Enc | None" = None) -> int | None:
     """Choose the next token from shared logits of shape (vocab,); 3 online hops.
 

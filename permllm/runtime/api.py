@@ -32,6 +32,7 @@ from .config import PartyConfig, load_config
 from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
 from .session import PREFILL_CHUNK, HelperSession, ModelSession, UserSession
+from .speculate import Speculator
 
 __all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr", "encode_prompt"]
 
@@ -52,16 +53,27 @@ class GenerationResult:
     online_hops: int = 0
     step_s: list[float] = field(default_factory=list)  # online seconds of each step (step 0: prefill)
     offline_step_s: list[float] = field(default_factory=list)  # U's offline seconds per step (a batch's split evenly)
+    speculative: bool = False  # verify passes after the prompt (speculate=...)
+    drafted: list[int] = field(default_factory=list)  # per verify pass: the drafts it verified (K)
+    accepted: list[int] = field(default_factory=list)  # per verify pass: the drafts it accepted
+
+    @property
+    def passes(self) -> int:
+        """Verify passes after the prompt's steps (speculation)."""
+        return len(self.accepted)
 
     @property
     def tokens_per_s(self) -> float:
         return len(self.token_ids) / self.online_s if self.online_s > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
-                "online_s": self.online_s, "offline_s": self.offline_s, "online_bytes": self.online_bytes,
-                "offline_bytes": self.offline_bytes, "setup_s": self.setup_s, "setup_bytes": self.setup_bytes,
-                "online_hops": self.online_hops, "tokens_per_s": self.tokens_per_s}
+        out = {"text": self.text, "token_ids": self.token_ids, "prompt_token_ids": self.prompt_token_ids,
+               "online_s": self.online_s, "offline_s": self.offline_s, "online_bytes": self.online_bytes,
+               "offline_bytes": self.offline_bytes, "setup_s": self.setup_s, "setup_bytes": self.setup_bytes,
+               "online_hops": self.online_hops, "tokens_per_s": self.tokens_per_s}
+        if self.speculative:
+            out.update(passes=self.passes, drafted=self.drafted, accepted=self.accepted)
+        return out
 
 
 class Session:
@@ -101,11 +113,14 @@ class Session:
 
     async def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32,
                            sampler: Sampler | None = None, stop_at_eos: bool = True,
-                           offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[int]:
+                           offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+                           speculate: Speculator | None = None) -> AsyncIterator[int]:
         """Yield token ids; fills :attr:`last` with the ids, times and traffic. A caller may stop
         early (``break``): the generation then ends at all three parties. The prompt is fed in steps
-        of ``prefill_chunk`` tokens (0: all at once), which bounds each party's memory."""
-        res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s)
+        of ``prefill_chunk`` tokens (0: all at once), which bounds each party's memory. ``speculate``:
+        verify passes of the speculator's drafts after the prompt (:meth:`UserSession.generate`)."""
+        res = GenerationResult(prompt_token_ids=list(prompt_ids), setup_s=self._setup_s,
+                               speculative=speculate is not None)
         self.last = res
         before = [_totals(m) for m in self._meters]
         off0 = self._user.offline_s
@@ -113,7 +128,7 @@ class Session:
         try:
             async with contextlib.aclosing(self._user.generate(list(prompt_ids), max_new_tokens, sampler,
                                                                stop_at_eos, offline_first,
-                                                               prefill_chunk)) as gen:
+                                                               prefill_chunk, speculate)) as gen:
                 async for tok in gen:  # a caller that stops early ends the generation at M and H too
                     now = time.perf_counter()
                     res.online_s += now - t_prev
@@ -142,6 +157,7 @@ class Session:
         res.offline_s = self._user.offline_s - off0
         res.step_s = list(self._user.last_steps)
         res.offline_step_s = list(self._user.offline_step_s[:len(res.step_s)])
+        res.drafted, res.accepted = list(self._user.last_drafted), list(self._user.last_accepted)
         if offline_first:  # the first step also waited for the whole offline phase: count steps only
             res.online_s = sum(res.step_s)
         res.online_hops = max(m.hops("online") for m in self._meters)
@@ -151,14 +167,16 @@ class Session:
             res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
     async def generate(self, prompt: str | list[int], max_new_tokens: int = 32, *, chat: bool = True,
-                       sampler: Sampler | None = None, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[str]:
+                       sampler: Sampler | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                       speculate: Speculator | None = None) -> AsyncIterator[str]:
         """Stream the generated text piece by piece (the prompt stays private to the user); the pieces
-        of a generation that was not stopped early add up to ``last.text``."""
+        of a generation that was not stopped early add up to ``last.text``. ``speculate``: see
+        :meth:`generate_ids`."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         out: list[int] = []
         shown = ""
-        async with contextlib.aclosing(self.generate_ids(ids, max_new_tokens, sampler,
-                                                         prefill_chunk=prefill_chunk)) as gen:
+        async with contextlib.aclosing(self.generate_ids(ids, max_new_tokens, sampler, prefill_chunk=prefill_chunk,
+                                                         speculate=speculate)) as gen:
             async for tok in gen:  # a caller that stops early ends the generation (generate_ids)
                 out.append(tok)
                 if self.tokenizer is None:

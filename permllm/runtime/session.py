@@ -20,6 +20,13 @@ branch of the protocol ops. The life of a session:
      U's online steps need not draw them).
    * **online** — M and U run each step: embedding, layers, final norm, head, and
      private token selection; U learns the token and tells M whether to go on.
+   * **speculation** (``speculate``: public) — after the prompt's steps each step is a
+     *verify pass* over the last token and K drafts of U's (:mod:`.speculate`): selection at
+     every row, U keeps the accepted drafts and one more token. A pass's shape depends on
+     the previous pass's acceptance, so U's control map after each pass (:class:`_Passes`)
+     tells M and H how many rows to keep and K of the next pass; all three cut the
+     generation's KV caches back to the kept rows, then run the next pass's offline phase
+     just in time, then its online phase.
 
 Message tags are keyed by op name and a session-wide token index, so masks are
 never reused across steps or generations.
@@ -42,8 +49,9 @@ from ..protocols import Party, ProtocolError, Role, setup_weight
 from ..protocols import crt, ring
 from ..protocols.linear import dealt_batch
 from ..protocols import he_matmul
-from ..protocols.sampling import Sampler, make_rng
+from ..protocols.sampling import Sampler, Uniform, make_rng
 from ..protocols.select import select_token
+from .speculate import Speculator
 
 __all__ = ["ModelSession", "UserSession", "HelperSession", "ContextTooLong", "OFFLINE_AHEAD", "DEALT_BATCH",
            "offline_batches", "PREFILL_CHUNK",
@@ -87,10 +95,17 @@ class _Gen:
     chunk: int = 0  # prompt tokens per prefill step (0: the whole prompt in one)
     first: int = 1  # steps of the prompt
     pacing: bool = True  # pace the prompt's chunks layer by layer (not when the window holds the whole generation)
+    speculate: bool = False  # after the prompt's steps, verify passes (:class:`_Passes`)
 
     @property
     def steps(self) -> int:
         return self.first - 1 + self.max_new
+
+    @property
+    def dealt(self) -> int:
+        """Steps whose offline phase runs ahead of the online one: all of them, or with speculation the
+        prompt's (a verify pass's shape depends on the previous pass: its offline phase runs just in time)."""
+        return self.first if self.speculate else self.steps
 
     @property
     def tokens(self) -> range:
@@ -112,6 +127,73 @@ class _Gen:
     def paced(self, step: int) -> bool:
         """A chunk of a prompt fed in several: its offline phase is paced layer by layer (:class:`_Pace`)."""
         return self.pacing and self.first > 1 and step < self.first
+
+
+class _Passes:
+    """Where a speculative generation stands, as each party tracks it from U's public control maps.
+
+    After the prompt's last step (taken as a pass of one row and no drafts) and after each verify
+    pass U sends ``{"go": bool, "keep": n, "next": K}``: the pass accepted n of its drafts (its first
+    n + 1 rows stay in the KV caches) and the next pass verifies K drafts. Every pass emits at least
+    one token, so a generation of ``max_new`` tokens takes at most ``max_new`` − 1 passes after the
+    prompt: the steps (and token indices) of :class:`_Gen` hold them.
+    """
+
+    def __init__(self, g: _Gen) -> None:
+        self.g = g
+        self.step = g.first - 1  # the step that ran last
+        self.past = g.prompt_len - 1  # rows cached before it
+        self.k = 0  # its drafts
+        self.emitted = 0  # tokens emitted before it
+
+    def advance(self, ctl: object) -> bool:
+        """Check U's control map after the current pass; move to the next pass (True) or end (False)."""
+        where = f"speculation control after step {self.step} of generation {self.g.index}"
+        if not (isinstance(ctl, dict) and set(ctl) == {"go", "keep", "next"} and type(ctl["go"]) is bool
+                and type(ctl["keep"]) is int and type(ctl["next"]) is int):
+            raise ProtocolError(f"malformed {where}: expected a map of go (a bool), keep and next (ints), "
+                                f"got {ctl!r}")
+        keep, k = ctl["keep"], ctl["next"]
+        if not 0 <= keep <= self.k:
+            raise ProtocolError(f"{where}: keeps {keep} drafts of a pass that verified {self.k}")
+        if not ctl["go"]:
+            return False
+        emitted = self.emitted + keep + 1
+        if k < 0 or emitted + k + 1 > self.g.max_new:
+            raise ProtocolError(f"{where}: a pass of {k} drafts after {emitted} tokens would pass the "
+                                f"generation's {self.g.max_new} tokens")
+        self.step, self.past, self.k, self.emitted = self.step + 1, self.past + 1 + keep, k, emitted
+        return True
+
+    def shape(self, arch: Arch) -> StepShape:
+        """The current pass: the last emitted token and K drafts after the kept rows."""
+        return StepShape.verify(arch, self.g.prompt_len, self.past, self.k + 1)
+
+
+class _At:
+    """The uniform draw of the generation's ``k``-th token: the k-th of its rng, as a step-by-step
+    generation draws them, so a pass's rows (chosen concurrently) draw what those tokens would."""
+
+    __slots__ = ("draws", "k")
+
+    def __init__(self, draws: "_Draws", k: int) -> None:
+        self.draws, self.k = draws, k
+
+    def random(self) -> float:
+        d = self.draws
+        while len(d.got) <= self.k:
+            d.got.append(float(d.rng.random()))
+        return d.got[self.k]
+
+
+class _Draws:
+    """A generation's rng, drawn by token position (:class:`_At`)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng, self.got = rng, []  # type: ignore[var-annotated]
+
+    def at(self, k: int) -> _At:
+        return _At(self, k)
 
 
 class _Pace:
@@ -187,12 +269,25 @@ class _Party:
         return pv, PrivateOps(pv, self.arch, self.mags, self.weights, f"g{gen}.", plan=self.plan)  # type: ignore[arg-type]
 
     async def step(self, phase: str, g: _Gen, step: int, ids: list[int] | None,
-                   rng: np.random.Generator | None, sampler: Sampler) -> int | None:
+                   rng: Uniform | None, sampler: Sampler) -> int | None:
         """One forward step and token selection in ``phase``; the token id at U online."""
+        got = await self._forward(phase, g, step, g.shape(self.arch, step), ids, [rng], sampler)  # type: ignore[arg-type]
+        return None if got is None else got[0]
+
+    async def verify(self, phase: str, g: _Gen, sp: _Passes, ids: list[int] | None = None,
+                     rngs: list[Uniform] | None = None, sampler: Sampler | None = None) -> list[int] | None:
+        """The current verify pass of ``sp`` in ``phase``: at U online, the tokens chosen at its K + 1 rows."""
+        shape = sp.shape(self.arch)  # type: ignore[arg-type]
+        return await self._forward(phase, g, sp.step, shape, ids, rngs or [None] * shape.T,  # type: ignore[list-item]
+                                   sampler or Sampler())
+
+    async def _forward(self, phase: str, g: _Gen, step: int, shape: StepShape, ids: list[int] | None,
+                       rngs: list[Uniform | None], sampler: Sampler) -> list[int | None] | None:
+        """The forward of ``step`` and private selection at each row with logits (a pass's concurrently,
+        ``select/i``: still three hops); None for a chunk of the prompt before its last."""
         pv, ops = self.ops(phase, g.base + step, g.index)
         if g.paced(step):
             ops.pace = self._gate(phase, g, step)
-        shape = g.shape(self.arch, step)  # type: ignore[arg-type]
         logits = await Forward(self.arch).step(ops, ids, shape)  # type: ignore[arg-type]
         if not shape.emits:
             return None
@@ -200,10 +295,25 @@ class _Party:
         if isinstance(logits, Fx):
             enc = ring.Enc(logits.scale, logits.bits, ops._range("logits"))
             logits = logits.v
-        row = None if logits is None else logits.reshape(-1)
+        rows = [None] * shape.out if logits is None else list(logits.reshape(shape.out, -1))
+
+        def select(name: str, row: np.ndarray | None, rng: Uniform | None) -> Awaitable[int | None]:
+            return select_token(pv, name, row, sampler=sampler, rng=rng, mag=self.mags["logits"],
+                                vocab=self.arch.vocab, enc=enc)  # type: ignore[union-attr]
         async with pv.traced("select"):
-            return await select_token(pv, "select", row, sampler=sampler, rng=rng, mag=self.mags["logits"],
-                                      vocab=self.arch.vocab, enc=enc)  # type: ignore[union-attr]
+            if g.speculate and step >= g.first:
+                return list(await asyncio.gather(*(select(f"select/{i}", r, q)
+                                                   for i, (r, q) in enumerate(zip(rows, rngs)))))
+            return [await select("select", rows[0], rngs[0])]
+
+    def rollback(self, g: _Gen, rows: int) -> None:
+        """Cut generation ``g``'s KV caches to their first ``rows`` rows: every array under its prefix (the
+        12-hop and 8-hop routes' K and V, every residue lane's, U's /bu and /opened, H's /bu and /beta,
+        M's /bm) keeps its rows on axis −2."""
+        prefix = f"g{g.index}."
+        for key, v in self.p.caches.items():
+            if key.startswith(prefix) and v.shape[-2] > rows:
+                self.p.caches[key] = v[..., :rows, :]
 
     def _gate(self, phase: str, g: _Gen, step: int) -> Callable[[int], Awaitable[None]]:
         """The per-layer pacing of a chunk of the prompt (:class:`_Pace`) in ``phase``."""
@@ -229,8 +339,8 @@ class _Party:
         await _first(wait, self.off)  # type: ignore[arg-type]
 
     def start_offline(self, g: _Gen, window: asyncio.Semaphore | None) -> asyncio.Task:
-        """Start generation ``g``'s offline phase (its readiness per step: :meth:`offline_done`)."""
-        self.ready = [asyncio.Event() for _ in range(g.steps)]
+        """Start generation ``g``'s offline phase of its first ``g.dealt`` steps (readiness: :meth:`offline_done`)."""
+        self.ready = [asyncio.Event() for _ in range(g.dealt)]
         self.pace = _Pace(self.arch.layers)  # type: ignore[union-attr]
         self.off = asyncio.create_task(self.offline(g, self.ready, window))
         return self.off
@@ -240,7 +350,7 @@ class _Party:
             return await self.offline_light(g, ready, window)
         self.offline_step_s = [0.0] * g.max_new
         batched = self.p.config.offline == "dealer" and not self.p.is_model
-        for batch in offline_batches(g.steps, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1, g.first):
+        for batch in offline_batches(g.dealt, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1, g.first):
             if window is not None:
                 for step in batch:
                     for _ in range(g.units(step)):
@@ -256,7 +366,7 @@ class _Party:
                 if g.paced(step) and self.pace is not None:
                     self.pace.passed_offline(step, self.arch.layers + 1)  # type: ignore[union-attr]
                 if self.progress:
-                    self.progress("offline", step + 1, g.steps)
+                    self.progress("offline", step + 1, g.dealt)
 
     def _timed(self, g: _Gen, batch: list[int], seconds: float) -> None:
         """Count a batch's offline seconds, split evenly over its steps (a prompt's chunks: to the first token)."""
@@ -341,13 +451,18 @@ class _Party:
         first = prompt_steps(self.arch, req["prompt_len"], chunk)  # type: ignore[arg-type]
         if first > 1 and self.p.config.offline == "he":
             raise ProtocolError("generation request: the light mode prefills the prompt in one step (chunk 0)")
+        speculate = req.get("speculate", False)
+        if type(speculate) is not bool or (speculate and self.p.config.offline == "he"):
+            raise ProtocolError(f"generation request: bad speculation flag {speculate!r} (a bool; the light mode "
+                                "has no verify passes)")
         if req["base"] != self.next_token:
             raise ProtocolError(f"generation request starts at token {req['base']}, expected {self.next_token}")
         try:
             check_context(self.arch, req["prompt_len"], req["max_new"])  # type: ignore[arg-type]
         except ValueError as e:
             raise ProtocolError(f"generation request refused: {e}") from e
-        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"], OFFLINE_AHEAD, chunk, first)
+        g = _Gen(self.gens, req["base"], req["prompt_len"], req["max_new"], OFFLINE_AHEAD, chunk, first,
+                 speculate=speculate)
         g.ahead = req.get("ahead", OFFLINE_AHEAD)
         if not isinstance(g.ahead, int) or not max(g.units(0), 1) <= g.ahead <= whole_window(g) + OFFLINE_AHEAD:
             raise ProtocolError(f"generation request: bad offline window {g.ahead!r}")
@@ -380,8 +495,9 @@ async def _nothing() -> AsyncIterator[None]:
 
 
 def whole_window(g: _Gen) -> int:
-    """The window that holds a whole generation's offline material (``offline_first``)."""
-    return sum(g.units(s) for s in range(g.steps))
+    """The window that holds a whole generation's offline material (``offline_first``; with speculation the
+    prompt's: the passes' runs just in time)."""
+    return sum(g.units(s) for s in range(g.dealt))
 
 
 def _light_ahead(max_new: int) -> int:
@@ -429,7 +545,7 @@ class ModelSession(_Party):
             window = asyncio.Semaphore(g.ahead)
             off = self.start_offline(g, window)
             try:
-                for step in range(g.steps):
+                for step in range(g.dealt):
                     await self.offline_done(g, step)
                     await self.step("online", g, step, None, None, Sampler())
                     for _ in range(g.units(step)):
@@ -437,6 +553,9 @@ class ModelSession(_Party):
                     if step < g.first - 1:
                         continue  # a chunk of the prompt: no token, no word from U
                     go = await self.p.view("online", g.base + step).recv(Role.USER, ("ctl", g.index, step))
+                    if g.speculate:
+                        await self.passes(g, go)
+                        break
                     if not isinstance(go, bool):
                         raise ProtocolError(f"malformed step control {('ctl', g.index, step)} from the user: "
                                             f"expected true or false, got {type(go).__name__}")
@@ -450,6 +569,16 @@ class ModelSession(_Party):
             for r in (Role.USER, Role.HELPER):
                 await self.await_end(g, r)
             self.p.discard_unread(g.tokens)
+
+    async def passes(self, g: _Gen, ctl: object) -> None:
+        """The verify passes U asks for by its control maps (``ctl``: the one after the prompt's last step),
+        each pass's offline phase just before its online one."""
+        sp = _Passes(g)
+        while sp.advance(ctl):
+            self.rollback(g, sp.past)
+            await self.verify("offline", g, sp)
+            await self.verify("online", g, sp)
+            ctl = await self.p.view("online", g.base + sp.step).recv(Role.USER, ("ctl", g.index, sp.step))
 
 
 async def _first(wait: object, task: asyncio.Task) -> None:
@@ -477,17 +606,23 @@ class HelperSession(_Party):
         async for g in self.requests():
             window = asyncio.Semaphore(g.ahead)
             off = self.start_offline(g, window)
+            if g.speculate:
+                off = asyncio.create_task(self.deal_passes(g, off))
             credit = asyncio.create_task(self.credits(g, window))
             end = asyncio.ensure_future(self.await_end(g, Role.USER))
+            watch = {off, credit}
             try:
-                await asyncio.wait({off, credit, end}, return_when=asyncio.FIRST_COMPLETED)
-                for t in (off, credit):
-                    if t.done() and not end.done():
-                        t.result()  # raises the offline failure, or a malformed credit
+                while not end.done():
+                    done, _ = await asyncio.wait(watch | {end}, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done - {end}:
+                        if not end.done():
+                            t.result()  # raises the offline failure, or a malformed credit or control map
+                        watch.discard(t)
                 await end
             finally:
                 end.cancel()
                 await _cancel(off)
+                await _cancel(self.off)  # type: ignore[arg-type]
                 await _cancel(credit)
             self.p.discard_unread(g.tokens)  # U's credits for steps H had dealt already
             self.tell_end(g, Role.MODEL, Role.USER)
@@ -497,7 +632,7 @@ class HelperSession(_Party):
         ``g.ahead`` units ahead of U, so neither U nor M buffers more of its material than that."""
         pace = self.pace
         assert pace is not None
-        for step in range(g.steps):
+        for step in range(g.dealt):
             pv = self.p.view("offline", g.base + step)
             for layer in range(self.arch.layers + 1) if g.paced(step) else ():  # type: ignore[union-attr]
                 if await pv.recv(Role.USER, at_tag(g, step, layer)) is not True:
@@ -507,6 +642,15 @@ class HelperSession(_Party):
                 raise ProtocolError(f"malformed offline credit for step {step} from the user party")
             for _ in range(g.units(step)):
                 window.release()
+
+    async def deal_passes(self, g: _Gen, prompt: asyncio.Task) -> None:
+        """After the prompt's offline phase (``prompt``), deal each verify pass U asks for by its control map
+        (U sends H the maps of the passes that run; the end of the generation is U's end word)."""
+        await prompt
+        sp = _Passes(g)
+        while sp.advance(await self.p.view("offline", g.base + sp.step).recv(Role.USER, ("ctl", g.index, sp.step))):
+            self.rollback(g, sp.past)
+            await self.verify("offline", g, sp)
 
 
 def _config_terms(p: Party) -> list:
@@ -558,7 +702,8 @@ class UserSession(_Party):
 
     async def generate(self, prompt_ids: list[int], max_new_tokens: int,
                        sampler: Sampler | None = None, stop_at_eos: bool = True,
-                       offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK) -> AsyncIterator[int]:
+                       offline_first: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+                       speculate: Speculator | None = None) -> AsyncIterator[int]:
         """Yield generated token ids as they come; stops at the limit or (``stop_at_eos``) an end id.
 
         The prompt is fed in steps of ``prefill_chunk`` tokens (0: one step), each attending to the
@@ -566,6 +711,11 @@ class UserSession(_Party):
         the whole prompt (the light mode feeds it in one). With ``offline_first`` the whole offline
         phase runs before the first online step (benchmarks: the online time then excludes it, and
         memory holds all of it); otherwise it runs ahead by a window.
+
+        With ``speculate`` every step after the prompt's is a verify pass of the speculator's drafts
+        (:class:`_Passes`; its offline phase just in time): the same tokens (greedy, or sampling with a
+        seed: the k-th token takes the k-th draw of the rng either way), in fewer dependent hops when
+        the drafts are accepted. M and H learn K and the accepted count of every pass.
         """
         arch, p = self.arch, self.p
         assert arch is not None, "setup() first"
@@ -573,32 +723,40 @@ class UserSession(_Party):
         check_context(arch, len(prompt_ids), max_new_tokens)
         if any(not 0 <= int(t) < arch.vocab for t in prompt_ids):
             raise ValueError(f"prompt token id out of range [0, {arch.vocab})")
+        if speculate is not None and p.config.offline == "he":
+            raise ValueError("speculative decoding needs the dealt offline phase (the light mode has no verify passes)")
         chunk = 0 if p.config.offline == "he" else int(prefill_chunk)
         g = _Gen(self.gens, self.next_token, len(prompt_ids), max_new_tokens, chunk=chunk,
-                 first=prompt_steps(arch, len(prompt_ids), chunk))
+                 first=prompt_steps(arch, len(prompt_ids), chunk), speculate=speculate is not None)
         ahead = whole_window(g) if offline_first else (
             _light_ahead(max_new_tokens) if p.config.offline == "he" else OFFLINE_AHEAD)
         req = {"base": g.base, "prompt_len": g.prompt_len, "max_new": g.max_new, "ahead": ahead, "chunk": chunk}
+        if speculate is not None:
+            req["speculate"] = True
         p.send(Role.MODEL, ("ctl", self.gens, "req"), req)
         p.send(Role.HELPER, ("ctl", self.gens, "req"), req)
         g = self.accept(req)
         self.last_steps: list[float] = []  # online seconds of each generated token (the first: all the prompt's steps)
+        self.last_drafted: list[int] = []  # drafts verified by each pass (speculation)
+        self.last_accepted: list[int] = []  # drafts accepted by each pass
         rng = make_rng(sampler)
+        draws = _Draws(rng)
         window = asyncio.Semaphore(g.ahead)
         off = self.start_offline(g, window)
         ids: list[int] = list(prompt_ids)
         done = False  # the generation was ended at all three parties
         spent = 0.0  # online seconds of the prompt's chunks so far
+        stop: object = {"go": False, "keep": 0, "next": 0} if g.speculate else False  # U's word that ends it
         try:
             if offline_first:
                 await _first(self.ready[-1].wait(), off)
-            for step in range(g.steps):
+            for step in range(g.dealt):
                 await self.offline_done(g, step)
                 t0 = time.perf_counter()
                 if step < g.first:
                     pos = g.shape(arch, step).pos
                     ids = list(prompt_ids[int(pos[0]):int(pos[-1]) + 1]) if g.first > 1 else list(prompt_ids)
-                tok = await self.step("online", g, step, ids, rng, sampler)
+                tok = await self.step("online", g, step, ids, draws.at(0) if g.speculate else rng, sampler)
                 for _ in range(g.units(step)):
                     window.release()
                 p.view("offline", g.base + step).send(Role.HELPER, used_tag(g, step), True)
@@ -608,28 +766,64 @@ class UserSession(_Party):
                 self.last_steps.append(spent + time.perf_counter() - t0)
                 spent = 0.0
                 if g.emitted(step) + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
-                    await self.end(g, step, off)  # the last token: end the generation before handing it out
+                    await self.end(g, step, off, stop)  # the last token: end the generation before handing it out
                     done = True
                     yield tok
                     return
                 yield tok  # the caller may stop here: the generation then ends at all parties (below)
+                if g.speculate:
+                    break
                 p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), True)
                 ids = [tok]
+            if speculate is None:
+                return
+            sp, ctx, keep = _Passes(g), list(prompt_ids) + [tok], 0
+            while True:
+                t0 = time.perf_counter()
+                drafts = speculate.propose(ctx, g.max_new - sp.emitted - keep - 2)
+                ctl = {"go": True, "keep": keep, "next": len(drafts)}
+                p.view("online", g.base + step).send(Role.MODEL, ("ctl", g.index, step), ctl)
+                p.view("offline", g.base + step).send(Role.HELPER, ("ctl", g.index, step), ctl)
+                sp.advance(ctl)
+                step = sp.step
+                self.rollback(g, sp.past)
+                t1 = time.perf_counter()
+                await self.verify("offline", g, sp)
+                dealt = time.perf_counter() - t1
+                chosen = await self.verify("online", g, sp, [ctx[-1]] + drafts,
+                                           [draws.at(sp.emitted + i) for i in range(sp.k + 1)], sampler)
+                emit = speculate.settle(drafts, chosen)  # type: ignore[arg-type]
+                keep = len(emit) - 1
+                stop = {"go": False, "keep": keep, "next": 0}
+                self.last_drafted.append(len(drafts))
+                self.last_accepted.append(keep)
+                self.offline_s += dealt
+                each = (time.perf_counter() - t0) / len(emit)
+                for i, tok in enumerate(emit):
+                    ctx.append(tok)
+                    self.last_steps.append(each)
+                    self.offline_step_s[sp.emitted + i] += dealt / len(emit)
+                    if sp.emitted + i + 1 == g.max_new or (stop_at_eos and tok in arch.eos_ids):
+                        await self.end(g, step, off, stop)
+                        done = True
+                        yield tok
+                        return
+                    yield tok
         except GeneratorExit:  # the caller stopped early, at the yield of ``step``'s token
             if not done:
                 done = True
-                await self.end(g, step, off)
+                await self.end(g, step, off, stop)
             raise
         finally:
             if not done:  # a failure: the session is over; drop this generation's state
                 await _cancel(off)
                 p.forget(g.tokens)
 
-    async def end(self, g: _Gen, last: int, off: asyncio.Task) -> None:
-        """End a generation after step ``last`` (whose control message M waits for): stop the
-        offline phase, tell M and H, wait for H's last word, and drop everything kept or received
-        for steps that will not run."""
-        self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), False)
+    async def end(self, g: _Gen, last: int, off: asyncio.Task, stop: object = False) -> None:
+        """End a generation after step ``last`` (whose control message ``stop`` M waits for: false, or
+        a control map with go false): stop the offline phase, tell M and H, wait for H's last word, and
+        drop everything kept or received for steps that will not run."""
+        self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), stop)
         await _cancel(off)
         self.p.forget(g.tokens)
         self.tell_end(g, Role.MODEL, Role.HELPER)
