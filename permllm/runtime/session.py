@@ -94,7 +94,7 @@ class _Gen:
     ahead: int = OFFLINE_AHEAD  # window units the offline phase may run ahead (:meth:`units`)
     chunk: int = 0  # prompt tokens per prefill step (0: the whole prompt in one)
     first: int = 1  # steps of the prompt
-    pacing: bool = True  # pace the prompt's chunks layer by layer (not when the window holds the whole generation)
+    pacing: bool = True  # pace the prompt's steps layer by layer (not when the window holds the whole generation)
     speculate: bool = False  # after the prompt's steps, verify passes (:class:`_Passes`)
 
     @property
@@ -125,8 +125,9 @@ class _Gen:
         return StepShape(arch, self.prompt_len, step, self.chunk if self.first > 1 else 0)
 
     def paced(self, step: int) -> bool:
-        """A chunk of a prompt fed in several: its offline phase is paced layer by layer (:class:`_Pace`)."""
-        return self.pacing and self.first > 1 and step < self.first
+        """A step of the prompt (a chunk, or the whole prompt in one): its offline phase is paced layer by
+        layer (:class:`_Pace`)."""
+        return self.pacing and step < self.first
 
 
 class _Passes:
@@ -466,7 +467,8 @@ class _Party:
         g.ahead = req.get("ahead", OFFLINE_AHEAD)
         if not isinstance(g.ahead, int) or not max(g.units(0), 1) <= g.ahead <= whole_window(g) + OFFLINE_AHEAD:
             raise ProtocolError(f"generation request: bad offline window {g.ahead!r}")
-        g.pacing = g.ahead < whole_window(g)
+        # The light mode's first batch is the prefill with the first decode steps, in one HE exchange per op.
+        g.pacing = g.ahead < whole_window(g) and self.p.config.offline != "he"
         self.gens += 1
         self.next_token += g.steps
         return g
