@@ -36,7 +36,7 @@ from .layout import (from_qk_rows, merge_heads, positions, qk_rows, rope, rope_b
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
-           "resolve_arith", "RING_FLOOR", "RING_FRONTIER",
+           "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_scale", "layer_weight_names",
            "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
@@ -134,6 +134,11 @@ class Forward:
         x = await ops.embed("embed", ids, shape.T, shape.pos if a.pos == "learned" else None)
         for i in range(a.layers):
             x = await self.layer(ops, i, x, shape)
+        return await self.head(ops, x)
+
+    async def head(self, ops: "PlainOps | PrivateOps", x: Value) -> Value:
+        """Logits (1, vocab) of the last row of the last layer's output ``x``: final norm, then the head."""
+        a = self.arch
         x = ops.note("final.x", ops.local(lambda v: v[-1:], x))
         h, _ = await ops.norm("final.n", x, "final.x", (1, a.hidden))
         if a.tied_head:
@@ -387,17 +392,18 @@ PLAN_ORDER = RING_FRONTIER[:_FLOOR_AT + 1] + WIDE_FRONTIER + RING_FRONTIER[_FLOO
 
 
 def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any],
-                  route: str = "12") -> tuple[str, RingPlan | None]:
+                  route: str = "12", layer: int | None = None) -> tuple[str, RingPlan | None]:
     """The model party's choice of arithmetic for a session: ("ring", plan) or ("float", None).
 
     "ring" takes the first plan of :data:`PLAN_ORDER` that fits (RingOverflow if none does); "auto" takes the
     ring where it is built (``possible``) and its plan is at least :data:`RING_FLOOR` on Z_2^64 or a wide plan,
-    else real numbers; "float" is float.
+    else real numbers; "float" is float. ``layer``: the plan of that decoder layer alone
+    (:func:`choose_ring_plan`).
     """
     if arith == "float" or (arith == "auto" and not possible):
         return "float", None
     try:
-        plan = choose_ring_plan(weights, mags, route)
+        plan = choose_ring_plan(weights, mags, route, layer)
     except RingOverflow:
         if arith == "ring":
             raise
@@ -434,28 +440,41 @@ def wide_weights(arch: Arch, route: str = "12") -> list[str]:
     return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *extra)]
 
 
-def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12") -> dict[str, int]:
+def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12",
+                 layer: int | None = None) -> dict[str, int]:
     """The fractional bits of every private weight under ``plan`` (what the setup announces): ``plan.wb``
-    significant bits, but the 8-hop route's qkv bias at the scale of the product it is added to."""
-    out = {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb)
-           for n, _ in weight_names(arch, route)}
+    significant bits, but the 8-hop route's qkv bias at the scale of the product it is added to. ``layer``:
+    only that decoder layer's weights (:func:`layer_weight_names`)."""
+    names = weight_names(arch, route) if layer is None else layer_weight_names(arch, layer, route)
+    out = {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb) for n, _ in names}
     for n in out:
         if n.endswith(".qkv.b"):
             out[n] = plan.a + out[n[:-2]]
     return out
 
 
-def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12") -> RingPlan:
+def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12",
+                     layer: int | None = None) -> RingPlan:
     """The first plan of :data:`PLAN_ORDER` (Z_2^64 down to :data:`RING_FLOOR`, then the wide plans, then coarser
     Z_2^64 ones; the 8-hop route: the wide plans only) whose every shared value fits its ring with one bit to
-    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does."""
+    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does.
+
+    ``layer``: the scales-only run is of that decoder layer alone (a benchmark of one layer holds only its
+    weights), from the embedding's scale and again from the scale its own output has (:func:`layer_scale`: what
+    every later layer receives)."""
     arch = weights.arch
     last: Exception | None = None
     for plan in (WIDE_FRONTIER if route == "8" else PLAN_ORDER):
-        ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan))
+        ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan, layer=layer))
         try:
-            for step in (0, 1):
-                _run_budget(Forward(arch), ops, StepShape(arch, 8, step))
+            shapes = [StepShape(arch, 8, step) for step in (0, 1)]
+            if layer is None:
+                for shape in shapes:
+                    _run_budget(Forward(arch).step(ops, None, shape))
+            else:
+                for scale in (plan.emb, layer_scale(ops, layer)):
+                    for shape in shapes:
+                        _run_budget(Forward(arch).layer(ops, layer, Fx(None, scale), shape))
             return plan
         except RingOverflow as e:
             last = e
@@ -463,13 +482,26 @@ def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "
                        "use --arith float")
 
 
-def _run_budget(fwd: "Forward", ops: "PrivateOps", shape: StepShape) -> None:
-    """Drive a scales-only forward to completion (its ops never await anything)."""
-    coro = fwd.step(ops, None, shape)
+def layer_scale(ops: "PrivateOps", layer: int) -> int:
+    """The scale of decoder layer ``layer``'s output under a scales-only ``ops`` (from an input at the embedding's
+    scale): the scale of every later layer's input, since each layer restarts the residual stream's scale at its
+    norms (``plan.res``; ChatGLM's α residual at the norm outputs). RingOverflow where a value does not fit."""
+    arch = ops.arch
+    return _run_budget(Forward(arch).layer(ops, layer, Fx(None, ops.plan.emb), StepShape(arch, 8, 0))).scale
+
+
+def layer_weight_names(arch: Arch, layer: int, route: str = "12") -> list[tuple[str, str]]:
+    """(name, kind) of decoder layer ``layer``'s private weights (those of :func:`weight_names`)."""
+    return [(n, k) for n, k in weight_names(arch, route) if n.startswith(f"L{layer}.")]
+
+
+def _run_budget(coro: Any) -> Any:
+    """Drive a scales-only coroutine (a forward step or layer) to completion and return its value (its ops never
+    await anything)."""
     try:
         coro.send(None)
-    except StopIteration:
-        return
+    except StopIteration as done:
+        return done.value
     coro.close()
     raise RuntimeError("a scales-only forward awaited a message")
 
