@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from permllm.model.chatglm_ref import ChatGLMConfig
+from permllm.model.forward import RingPlan
 from permllm.protocols import ShareConfig
 from permllm.protocols.ring import RingOverflow
 from permllm.runtime import local_trio
@@ -22,7 +23,11 @@ async def test_layer_bench_matches_the_plaintext_layer(arith, route):
     tol = 1e-3 if arith == "ring" else 1e-6
     assert 0 < r["prefill_max_abs_err"] < tol and 0 < r["decode_max_abs_err"] < tol and r["output_max_abs"] > 1
     if arith == "ring":
-        assert r["plan"][-1] == 1  # the small random weights' chains need the wide ring's attention block
+        plan = RingPlan.from_list(r["plan"])
+        assert plan.wide  # the small random weights' chains need the wide ring's attention block
+        # U's reshare of the activation travels in the bytes its consumers need (mlp_out, then the next norm's input)
+        assert plan.s_bits < 64
+        assert r["online_bytes_per_layer_by_message"]["activation: unperm.y"] == SMALL.ffn * plan.s_bits // 8
     edges = r["online_bytes_edges"]
     assert set(edges) == {"embedding", "final_norm", "token_selection"} and min(edges.values()) > 0
     assert r["online_bytes_per_token"] == pytest.approx(SMALL.num_layers * r["online_bytes_per_layer"]

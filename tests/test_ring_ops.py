@@ -7,7 +7,7 @@ import pytest
 
 import permllm
 from permllm.model import load_model
-from permllm.model.forward import RING_FRONTIER, resolve_arith
+from permllm.model.forward import RING_FRONTIER, RingPlan, resolve_arith
 from permllm.protocols import (ShareConfig, functions as F, linear, matmul_shared, reshare, rms_norm, setup_weight,
                                softmax)
 from permllm.protocols import ring
@@ -97,6 +97,24 @@ async def test_ring_reshare_on_a_smaller_ring_travels_in_its_bytes(rtrio):
                               enc_out=Enc(14, 20, 3))
     with pytest.raises(ValueError, match="whole bytes"):
         await run_offline(rtrio, bad, 1)
+
+
+async def test_ring_narrow_plan_takes_the_narrowest_rings_that_fit(tmp_path):
+    """U's reshares on the narrowest rings whose every consumer still fits; one byte less overflows."""
+    from dataclasses import replace
+
+    from permllm.model import calibrate
+    from permllm.model.forward import _misfit
+
+    d, _ = _llama_dir(tmp_path)
+    w = load_model(str(d)).weights
+    mags = await calibrate(w)
+    arith, plan = resolve_arith("ring", True, w, mags)
+    assert arith == "ring" and plan.s_bits < 64  # the norms' and the softmax's outputs feed q·Kᵀ and o: 64
+    assert _misfit(w, mags, plan, None) is None
+    for field in ("s_bits", "a_bits", "p_bits"):
+        assert _misfit(w, mags, replace(plan, **{field: getattr(plan, field) - 8}), None) is not None
+    assert RingPlan.from_list(plan.to_list()) == plan
 
 
 async def test_ring_value_outside_its_range_fails_naming_the_op(rtrio):
@@ -212,7 +230,7 @@ async def test_smollm2_takes_the_wide_ring_for_its_attention_block():
     w = load_model("smollm2").weights
     mags = await calibrate(w)
     arith, plan = resolve_arith("auto", True, w, mags)
-    assert arith == "ring" and plan == WIDE_FRONTIER[0]
+    assert arith == "ring" and plan.full_width() == WIDE_FRONTIER[0]
     assert resolve_arith("ring", True, w, mags) == (arith, plan)
     assert resolve_arith("auto", False, w, mags) == ("float", None)
 

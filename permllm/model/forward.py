@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -36,7 +36,7 @@ from .layout import (from_qk_rows, merge_heads, positions, qk_rows, rope, rope_b
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
-           "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_scale", "layer_weight_names",
+           "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_output", "layer_weight_names", "narrow_plan",
            "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
@@ -353,7 +353,12 @@ class RingPlan:
     output, ``res`` the residual stream re-encoded at each norm — ``wb`` significant bits per weight,
     ``c`` of the RoPE rotation, and ``pq`` the scale q and k are truncated to before q·Kᵀ. With ``wide``
     the attention block (norm1's output and residual through q·Kᵀ, softmax, P·V and the o projection to
-    norm2's input) runs on the wide ring Z_N, N ≈ 2^104 (:mod:`permllm.protocols.crt`), without truncation."""
+    norm2's input) runs on the wide ring Z_N, N ≈ 2^104 (:mod:`permllm.protocols.crt`), without truncation.
+
+    ``a_bits``, ``p_bits``, ``s_bits``: the rings Z_2^k U reshares the decoder layers' norm outputs, the
+    probabilities and the activation outputs on (where they are not on Z_N), so that their messages travel in
+    k/8 bytes an element: a share needs to be right mod 2^k only when every value computed from it before the
+    next clear view fits k bits (:func:`narrow_plan` takes the narrowest that do)."""
 
     a: int
     wb: int
@@ -364,16 +369,25 @@ class RingPlan:
     emb: int = 24
     res: int = 24
     wide: bool = False
+    a_bits: int = RING_BITS
+    p_bits: int = RING_BITS
+    s_bits: int = RING_BITS
 
     def to_list(self) -> list[int]:
-        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res, int(self.wide)]
+        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res, int(self.wide), self.a_bits,
+                self.p_bits, self.s_bits]
 
     @classmethod
     def from_list(cls, v: object) -> "RingPlan":
-        if not (isinstance(v, list) and len(v) == 9 and all(type(b) is int and 0 <= b <= 40 for b in v)
-                and v[8] in (0, 1)):
+        if not (isinstance(v, list) and len(v) == 12 and all(type(b) is int for b in v)
+                and all(0 <= b <= 40 for b in v[:8]) and v[8] in (0, 1)
+                and all(8 <= b <= RING_BITS and b % 8 == 0 for b in v[9:])):
             raise ValueError(f"bad ring precision plan {v!r}")
-        return cls(*v[:8], wide=bool(v[8]))
+        return cls(*v[:8], wide=bool(v[8]), a_bits=v[9], p_bits=v[10], s_bits=v[11])
+
+    def full_width(self) -> "RingPlan":
+        """This precision with every reshare on Z_2^64 (the candidates of :data:`PLAN_ORDER`)."""
+        return replace(self, a_bits=RING_BITS, p_bits=RING_BITS, s_bits=RING_BITS)
 
 
 # Candidate precisions, finest first (a, wb, c, pq, p, s): the session takes the first whose every value fits
@@ -410,7 +424,7 @@ def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[
         return "float", None
     if arith == "auto" and PLAN_ORDER.index(plan) > PLAN_ORDER.index(WIDE_FRONTIER[-1]):
         return "float", None
-    return "ring", plan
+    return "ring", narrow_plan(weights, mags, plan, layer)
 
 
 class Fx:
@@ -460,34 +474,58 @@ def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "
     spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does.
 
     ``layer``: the scales-only run is of that decoder layer alone (a benchmark of one layer holds only its
-    weights), from the embedding's scale and again from the scale its own output has (:func:`layer_scale`: what
+    weights), from the embedding's scale and again from its own output's scale and ring (:func:`layer_output`: what
     every later layer receives)."""
-    arch = weights.arch
     last: Exception | None = None
     for plan in (WIDE_FRONTIER if route == "8" else PLAN_ORDER):
-        ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan, layer=layer))
-        try:
-            shapes = [StepShape(arch, 8, step) for step in (0, 1)]
-            if layer is None:
-                for shape in shapes:
-                    _run_budget(Forward(arch).step(ops, None, shape))
-            else:
-                for scale in (plan.emb, layer_scale(ops, layer)):
-                    for shape in shapes:
-                        _run_budget(Forward(arch).layer(ops, layer, Fx(None, scale), shape))
+        last = _misfit(weights, mags, plan, layer)
+        if last is None:
             return plan
-        except RingOverflow as e:
-            last = e
     raise RingOverflow(f"no fixed-point precision fits this model's activations in Z_2^64 (the coarsest: {last}); "
                        "use --arith float")
 
 
-def layer_scale(ops: "PrivateOps", layer: int) -> int:
-    """The scale of decoder layer ``layer``'s output under a scales-only ``ops`` (from an input at the embedding's
-    scale): the scale of every later layer's input, since each layer restarts the residual stream's scale at its
-    norms (``plan.res``; ChatGLM's α residual at the norm outputs). RingOverflow where a value does not fit."""
+def narrow_plan(weights: ModelWeights, mags: dict[str, Any], plan: RingPlan, layer: int | None = None) -> RingPlan:
+    """``plan`` with U's reshares as narrow as their consumers allow (``RingPlan.s_bits``, ``a_bits``,
+    ``p_bits``, in that order): for each, the smallest ring of whole bytes on which the scales-only forward still
+    fits. Every value computed from a reshared one carries its ring (``Fx.bits``) up to the next clear view, so
+    the run checks each consumer; the values themselves do not change (they are the same mod the next reveal's
+    ring)."""
+    for field in ("s_bits", "a_bits", "p_bits"):
+        for bits in range(RING_BITS - 8, 0, -8):
+            narrower = replace(plan, **{field: bits})
+            if _misfit(weights, mags, narrower, layer) is not None:
+                break
+            plan = narrower
+    return plan
+
+
+def _misfit(weights: ModelWeights, mags: dict[str, Any], plan: RingPlan, layer: int | None) -> RingOverflow | None:
+    """Why ``plan`` does not fit (the first value beyond its ring in a scales-only run of a prefill and a decode
+    step: of the model, or of decoder layer ``layer`` alone, see :func:`choose_ring_plan`), or None if it does."""
+    arch = weights.arch
+    ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan, layer=layer))
+    shapes = [StepShape(arch, 8, step) for step in (0, 1)]
+    try:
+        if layer is None:
+            for shape in shapes:
+                _run_budget(Forward(arch).step(ops, None, shape))
+        else:
+            for x in (Fx(None, plan.emb), layer_output(ops, layer)):
+                for shape in shapes:
+                    _run_budget(Forward(arch).layer(ops, layer, x, shape))
+    except RingOverflow as e:
+        return e
+    return None
+
+
+def layer_output(ops: "PrivateOps", layer: int) -> Fx:
+    """Decoder layer ``layer``'s output (scale and ring, no value) under a scales-only ``ops``, from an input at the
+    embedding's scale: every later layer's input, since each layer restarts the residual stream's scale at its norms
+    (``plan.res``; ChatGLM's α residual at the norm outputs). RingOverflow where a value does not fit."""
     arch = ops.arch
-    return _run_budget(Forward(arch).layer(ops, layer, Fx(None, ops.plan.emb), StepShape(arch, 8, 0))).scale
+    out = _run_budget(Forward(arch).layer(ops, layer, Fx(None, ops.plan.emb), StepShape(arch, 8, 0)))
+    return Fx(None, out.scale, out.bits)
 
 
 def layer_weight_names(arch: Arch, layer: int, route: str = "12") -> list[tuple[str, str]]:
@@ -507,6 +545,7 @@ def _run_budget(coro: Any) -> Any:
 
 
 _RESIDUAL = re.compile(r"^(L\d+\.x2?|final\.x)$")
+_LAYER_OP = re.compile(r"^L\d+\.")
 
 
 def _family(name: str) -> str:
@@ -701,9 +740,13 @@ class PrivateOps:
         # On a wide plan the attention block is on Z_N: norm1's output, and inside it the QK-norm's and the
         # attention output's norm (Gemma); norm2 brings the stream back to Z_2^64.
         wide_out = self.plan.wide and name.endswith(_WIDE_NORMS)  # type: ignore[union-attr]
-        make = (lambda n, sc: self._wide(n, sc)) if wide_out else (lambda n, sc: self._fx(n, None, sc))
-        out = make(name, self.plan.a)  # type: ignore[union-attr]
-        res = make(src, self.plan.res) if residual else None  # type: ignore[union-attr]
+
+        def make(n: str, scale: int, bits: int = RING_BITS) -> Fx:
+            return self._wide(n, scale) if wide_out else self._fx(n, None, scale, bits)
+        # U reshares a decoder layer's norm output on the plan's ring; the final norm's feeds the logits (full ring).
+        plan = self.plan
+        out = make(name, plan.a, plan.a_bits if _LAYER_OP.match(name) else RING_BITS)  # type: ignore[union-attr]
+        res = make(src, plan.res) if residual else None  # type: ignore[union-attr]
         if self.p is None:
             return out, (res or x)
         if not (wide_out or x.wide):
@@ -748,7 +791,8 @@ class PrivateOps:
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         if not self.ring:
             return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
-        out = self._wide(name, self.plan.p) if s.wide else self._fx(name, None, self.plan.p)  # type: ignore[union-attr]
+        plan = self.plan
+        out = self._wide(name, plan.p) if s.wide else self._fx(name, None, plan.p, plan.p_bits)  # type: ignore[union-attr]
         if self.p is None:
             return out
         if not s.wide:
@@ -822,7 +866,7 @@ class PrivateOps:
 
     @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:
-        out = self._fx(name, None, self.plan.s) if self.ring else None  # type: ignore[union-attr]
+        out = self._fx(name, None, self.plan.s, self.plan.s_bits) if self.ring else None  # type: ignore[union-attr]
         if self.p is None:
             return out
         uv = u.v if self.ring else u

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..net import LinkEmulator
 from ..protocols import Sampler, ShareConfig, ring, select_token, setup_weight
+from ..protocols.config import RING_BITS
 from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_online, run_setup
 from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
@@ -181,7 +182,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
 
     from ..model import Forward, ModelWeights, PlainOps, PrivateOps, StepShape, from_chatglm, public_bounds
     from ..model.chatglm_ref import ChatGLMConfig, init_weights
-    from ..model.forward import Fx, layer_scale, layer_weight_names, resolve_arith, weight_fracs, wide_weights
+    from ..model.forward import Fx, layer_output, layer_weight_names, resolve_arith, weight_fracs, wide_weights
     from ..protocols import crt
 
     cfg = cfg or ChatGLMConfig.full()
@@ -214,10 +215,12 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
     kind, plan = resolve_arith(arith, config.ring_possible, w, mags, rt, layer=0)
     fracs = weight_fracs(arch, w, plan, rt, layer=0) if plan is not None else {}
     scale = logits_enc = None
-    if plan is not None:  # the layer's input at the scale its output has (every layer's but the first)
+    bits = RING_BITS
+    if plan is not None:  # the layer's input at the scale and ring its output has (every layer's but the first)
         budget = PrivateOps(None, arch, mags, None, "", plan=plan, fracs={**fracs, **_head_fracs(head.w, plan)})
-        scale = layer_scale(budget, 0)
-        lg = await fwd.head(budget, Fx(None, scale))
+        out = layer_output(budget, 0)
+        scale, bits = out.scale, out.bits
+        lg = await fwd.head(budget, out)
         logits_enc = ring.Enc(lg.scale, lg.bits, budget._range("logits"))
     del head, plain, timed
     trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
@@ -243,7 +246,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
             async def graph(p: Any) -> Any:
                 ops = PrivateOps(p, arch, mags, biases if p.is_model else None, "g0.", plan=plan)
                 x = inputs[step].of(p)
-                return await fwd.layer(ops, 0, x if plan is None else Fx(x, scale), shapes[step])
+                return await fwd.layer(ops, 0, x if plan is None else Fx(x, scale, bits), shapes[step])
             return graph
         # The offline phase as a session runs it: the prefill alone, then batches of decode steps.
         for batch in offline_batches(tokens + 1, DEALT_BATCH):
@@ -272,7 +275,7 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
                 by_msg[f"{k}: {m}"] = by_msg.get(f"{k}: {m}", 0.0) + n / tokens
         for p in trio.parties:
             p.trace = None
-        edges_on, edges_off = await _edges(trio, arch, mags, plan, scale, logits_enc, want[-1][-1:], logits)
+        edges_on, edges_off = await _edges(trio, arch, mags, plan, (scale, bits), logits_enc, want[-1][-1:], logits)
     dec = slice(1, None)
     layer_online = float(np.mean(online_s[dec]))
     layer_bytes = float(np.mean(on_bytes[dec]))
@@ -324,21 +327,22 @@ def _head_fracs(weights: Any, plan: Any) -> dict[str, int]:
             for n in ("final", "embed")}
 
 
-async def _edges(trio: Any, arch: Any, mags: dict[str, float], plan: Any, scale: int | None, enc: Any,
+async def _edges(trio: Any, arch: Any, mags: dict[str, float], plan: Any, out: tuple[int | None, int], enc: Any,
                  x_last: np.ndarray, logits: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
     """Online and offline bytes of a token's edges, measured on ``trio`` (all three parties, frames included):
-    the final norm of the last layer's output row ``x_last`` (at the layer output's ``scale`` on the ring) and
+    the final norm of the last layer's output row ``x_last`` (on the ring at the layer output's ``out``: scale,
+    ring bits) and
     the token selection over ``logits`` (at ``enc``), both at the model's shapes, and the embedding lookup of
     one id (:func:`_lookup_bytes`). The two linears between the norm and the selection send nothing online."""
     from ..model import PrivateOps
     from ..model.forward import Fx
 
-    xin = DealtInput(trio, "edge.x", x_last, mags["final.x"], scale)
+    xin = DealtInput(trio, "edge.x", x_last, mags["final.x"], out[0])
 
     def final_norm(p: Any) -> Any:
         x = xin.of(p)
         return PrivateOps(p, arch, mags, None, "e.", plan=plan).norm(
-            "final.n", x if plan is None else Fx(x, scale), "final.x", (1, arch.hidden))
+            "final.n", x if plan is None else Fx(x, *out), "final.x", (1, arch.hidden))
     sel = DealtInput(trio, "edge.logits", logits, mags["logits"], None if enc is None else enc.scale)
 
     def select(p: Any) -> Any:
