@@ -487,11 +487,11 @@ def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "
 
 def narrow_plan(weights: ModelWeights, mags: dict[str, Any], plan: RingPlan, layer: int | None = None) -> RingPlan:
     """``plan`` with U's reshares as narrow as their consumers allow (``RingPlan.s_bits``, ``a_bits``,
-    ``p_bits``, in that order): for each, the smallest ring of whole bytes on which the scales-only forward still
-    fits. Every value computed from a reshared one carries its ring (``Fx.bits``) up to the next clear view, so
-    the run checks each consumer; the values themselves do not change (they are the same mod the next reveal's
-    ring)."""
-    for field in ("s_bits", "a_bits", "p_bits"):
+    ``p_bits``, in that order; a wide plan's probabilities are on Z_N): for each, the smallest ring of whole bytes
+    on which the scales-only forward still fits. Every value computed from a reshared one carries its ring
+    (``Fx.bits``) up to the next clear view, so the run checks each consumer; the values themselves do not change
+    (they are the same mod the next reveal's ring)."""
+    for field in ("s_bits", "a_bits") + (() if plan.wide else ("p_bits",)):
         for bits in range(RING_BITS - 8, 0, -8):
             narrower = replace(plan, **{field: bits})
             if _misfit(weights, mags, narrower, layer) is not None:
