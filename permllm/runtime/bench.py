@@ -174,8 +174,8 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
     ``arith`` and ``route`` are ShareConfig's ("auto": the ring, and on it the 8-hop route). The public bounds
     come from the plaintext layer on an independent draw of inputs (as :func:`~permllm.model.calibrate` uses
     pseudo-random tokens, never the prompt), and the ring's plan from them as a session chooses it
-    (:func:`~permllm.model.forward.choose_ring_plan` of the layer); a value beyond its bound stops the run
-    with RingOverflow. Per token: one layer's figures times the model's layers, plus a token's edges
+    (:func:`~permllm.model.forward.resolve_arith` of the layer: its precision and U's reshare rings); a value
+    beyond its bound stops the run with RingOverflow. Per token: one layer's figures times the model's layers, plus a token's edges
     (:func:`_edges`: the embedding lookup, the final norm and the token selection over the vocabulary).
     """
     import torch
