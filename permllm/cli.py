@@ -222,7 +222,7 @@ async def _bench(args: argparse.Namespace) -> int:
                               _config(args))
     else:
         r = await bench_chatglm_layer(args.tokens, args.prompt_len, args.rtt, args.bandwidth, args.dtype,
-                                      route=_config(args).attention_route)
+                                      route=args.route, arith=args.arith)
     if args.json:
         print(json.dumps(r))
     else:

@@ -7,7 +7,7 @@ import pytest
 
 import permllm
 from permllm.model import load_model
-from permllm.model.forward import RING_FRONTIER, resolve_arith
+from permllm.model.forward import RING_FRONTIER, RingPlan, resolve_arith
 from permllm.protocols import (ShareConfig, functions as F, linear, matmul_shared, reshare, rms_norm, setup_weight,
                                softmax)
 from permllm.protocols import ring
@@ -74,6 +74,49 @@ async def test_ring_norm_reshares_the_residual_in_the_same_hop(rtrio):
     assert online_counts(rtrio) == (3, 2)  # reveal M → U; the norm and the residual U → M, one hop
 
 
+async def test_ring_reshare_on_a_smaller_ring_travels_in_its_bytes(rtrio):
+    """A norm output reshared on Z_2^24 (enc_out.bits): 3 bytes an element U → M, shares right mod 2^24."""
+    from permllm.runtime.profile import enable
+
+    x = rng.normal(size=(3, 32)) * 5
+    s = DealtInput(rtrio, "x", x, mag=32.0, scale=30)
+
+    async def g(p):
+        async with p.traced("n"):
+            return await rms_norm(p, "n", s.of(p), mag_in=32.0, shape=x.shape, encs_in=[Enc(30, 64, 5)],
+                                  enc_out=Enc(14, 24, 3))
+
+    records = enable(rtrio.parties)
+    hm, hu = await _both(rtrio, g)
+    assert rel_err(_dec(hm, hu, 14, 24), F.rms_norm(x)) < 2.0**-12
+    sent = {k: v for r in records[1] if r.phase == "online" for k, v in r.by_message.items()}
+    assert sent == {"unperm.y": x.size * 3}
+
+    async def bad(p):
+        return await rms_norm(p, "n2", s.of(p), mag_in=32.0, shape=x.shape, encs_in=[Enc(30, 64, 5)],
+                              enc_out=Enc(14, 20, 3))
+    with pytest.raises(ValueError, match="whole bytes"):
+        await run_offline(rtrio, bad, 1)
+
+
+async def test_ring_narrow_plan_takes_the_narrowest_rings_that_fit(tmp_path):
+    """U's reshares on the narrowest rings whose every consumer still fits; one byte less overflows."""
+    from dataclasses import replace
+
+    from permllm.model import calibrate
+    from permllm.model.forward import _misfit
+
+    d, _ = _llama_dir(tmp_path)
+    w = load_model(str(d)).weights
+    mags = await calibrate(w)
+    arith, plan = resolve_arith("ring", True, w, mags)
+    assert arith == "ring" and plan.s_bits < 64  # the norms' and the softmax's outputs feed q·Kᵀ and o: 64
+    assert _misfit(w, mags, plan, None) is None
+    for field in ("s_bits", "a_bits", "p_bits"):
+        assert _misfit(w, mags, replace(plan, **{field: getattr(plan, field) - 8}), None) is not None
+    assert RingPlan.from_list(plan.to_list()) == plan
+
+
 async def test_ring_value_outside_its_range_fails_naming_the_op(rtrio):
     x = rng.normal(size=(2, 8)) * 50  # |x| up to ~150, published bound 2^4
     s = DealtInput(rtrio, "x", x, mag=16.0, scale=20)
@@ -117,7 +160,9 @@ async def test_ring_messages_are_uniform_whatever_the_value(rtrio, tmp_path):
 
     async def g(p):
         y = await reshare(p, "r", s.of(p), mag=1.0)
-        return await rms_norm(p, "n", y, mag_in=1.0, shape=x.shape, encs_in=[Enc(20, 64, 1)], enc_out=Enc(14, 64, 3))
+        h = await rms_norm(p, "n", y, mag_in=1.0, shape=x.shape, encs_in=[Enc(20, 64, 1)], enc_out=Enc(14, 64, 3))
+        return await rms_norm(p, "n8", y, mag_in=1.0, shape=x.shape, encs_in=[Enc(20, 64, 1)],
+                              enc_out=Enc(14, 40, 3))  # U's reshare on Z_2^40: 5 uniform bytes an element
 
     for t in range(3):
         await run_offline(rtrio, g, t)
@@ -185,7 +230,7 @@ async def test_smollm2_takes_the_wide_ring_for_its_attention_block():
     w = load_model("smollm2").weights
     mags = await calibrate(w)
     arith, plan = resolve_arith("auto", True, w, mags)
-    assert arith == "ring" and plan == WIDE_FRONTIER[0]
+    assert arith == "ring" and plan.full_width() == WIDE_FRONTIER[0]
     assert resolve_arith("ring", True, w, mags) == (arith, plan)
     assert resolve_arith("auto", False, w, mags) == ("float", None)
 

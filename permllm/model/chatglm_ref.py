@@ -126,18 +126,19 @@ def init_weights(cfg: ChatGLMConfig, seed: int = 0, dtype: torch.dtype = torch.f
             if not 0 <= i < cfg.num_layers:
                 raise ValueError(f"layer {i} out of range for {cfg.num_layers} layers")
             shapes.update(layer_param_shapes(cfg, i))
-    weights = {}
-    for name, shape in shapes.items():
-        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))  # CPU seeds are 32-bit
-        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
-        if "layernorm.weight" in name:
-            t = 1.0 + 0.01 * noise
-        elif name.endswith(".bias"):
-            t = 0.01 * noise
-        else:
-            t = 0.02 * noise
-        weights[name] = t.to(dtype)
-    return weights
+    return {name: init_tensor(name, shape, seed).to(dtype) for name, shape in shapes.items()}
+
+
+def init_tensor(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The float32 tensor ``name`` of :func:`init_weights` (its own generator): one tensor of a full init without
+    the others, e.g. the word embeddings for a benchmark of one layer's edges."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))  # CPU seeds are 32-bit
+    noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if "layernorm.weight" in name:
+        return 1.0 + 0.01 * noise
+    if name.endswith(".bias"):
+        return 0.01 * noise
+    return 0.02 * noise
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

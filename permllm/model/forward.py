@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -36,7 +36,7 @@ from .layout import (from_qk_rows, merge_heads, pass_positions, positions, promp
 
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
-           "resolve_arith", "RING_FLOOR", "RING_FRONTIER",
+           "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_output", "layer_weight_names", "narrow_plan",
            "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
@@ -157,9 +157,14 @@ class Forward:
         await ops.gate(a.layers)
         if not shape.emits:
             return None
-        r = shape.out
-        x = ops.note("final.x", ops.local(lambda v: v[-r:], x))
-        h, _ = await ops.norm("final.n", x, "final.x", (r, a.hidden))
+        return await self.head(ops, x, shape.out)
+
+    async def head(self, ops: "PlainOps | PrivateOps", x: Value, rows: int = 1) -> Value:
+        """Logits (rows, vocab) of the last ``rows`` rows of the last layer's output ``x``: final norm, then
+        the head (a verify pass: every row)."""
+        a = self.arch
+        x = ops.note("final.x", ops.local(lambda v: v[-rows:], x))
+        h, _ = await ops.norm("final.n", x, "final.x", (rows, a.hidden))
         if a.tied_head:
             h = await ops.linear("final", h, "final", "final.n", kind="diag")
             return await ops.linear("logits", h, "embed", "final")
@@ -375,7 +380,12 @@ class RingPlan:
     output, ``res`` the residual stream re-encoded at each norm — ``wb`` significant bits per weight,
     ``c`` of the RoPE rotation, and ``pq`` the scale q and k are truncated to before q·Kᵀ. With ``wide``
     the attention block (norm1's output and residual through q·Kᵀ, softmax, P·V and the o projection to
-    norm2's input) runs on the wide ring Z_N, N ≈ 2^104 (:mod:`permllm.protocols.crt`), without truncation."""
+    norm2's input) runs on the wide ring Z_N, N ≈ 2^104 (:mod:`permllm.protocols.crt`), without truncation.
+
+    ``a_bits``, ``p_bits``, ``s_bits``: the rings Z_2^k U reshares the decoder layers' norm outputs, the
+    probabilities and the activation outputs on (where they are not on Z_N), so that their messages travel in
+    k/8 bytes an element: a share needs to be right mod 2^k only when every value computed from it before the
+    next clear view fits k bits (:func:`narrow_plan` takes the narrowest that do)."""
 
     a: int
     wb: int
@@ -386,16 +396,25 @@ class RingPlan:
     emb: int = 24
     res: int = 24
     wide: bool = False
+    a_bits: int = RING_BITS
+    p_bits: int = RING_BITS
+    s_bits: int = RING_BITS
 
     def to_list(self) -> list[int]:
-        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res, int(self.wide)]
+        return [self.a, self.wb, self.c, self.pq, self.p, self.s, self.emb, self.res, int(self.wide), self.a_bits,
+                self.p_bits, self.s_bits]
 
     @classmethod
     def from_list(cls, v: object) -> "RingPlan":
-        if not (isinstance(v, list) and len(v) == 9 and all(type(b) is int and 0 <= b <= 40 for b in v)
-                and v[8] in (0, 1)):
+        if not (isinstance(v, list) and len(v) == 12 and all(type(b) is int for b in v)
+                and all(0 <= b <= 40 for b in v[:8]) and v[8] in (0, 1)
+                and all(8 <= b <= RING_BITS and b % 8 == 0 for b in v[9:])):
             raise ValueError(f"bad ring precision plan {v!r}")
-        return cls(*v[:8], wide=bool(v[8]))
+        return cls(*v[:8], wide=bool(v[8]), a_bits=v[9], p_bits=v[10], s_bits=v[11])
+
+    def full_width(self) -> "RingPlan":
+        """This precision with every reshare on Z_2^64 (the candidates of :data:`PLAN_ORDER`)."""
+        return replace(self, a_bits=RING_BITS, p_bits=RING_BITS, s_bits=RING_BITS)
 
 
 # Candidate precisions, finest first (a, wb, c, pq, p, s): the session takes the first whose every value fits
@@ -414,24 +433,25 @@ PLAN_ORDER = RING_FRONTIER[:_FLOOR_AT + 1] + WIDE_FRONTIER + RING_FRONTIER[_FLOO
 
 
 def resolve_arith(arith: str, possible: bool, weights: ModelWeights, mags: dict[str, Any],
-                  route: str = "12") -> tuple[str, RingPlan | None]:
+                  route: str = "12", layer: int | None = None) -> tuple[str, RingPlan | None]:
     """The model party's choice of arithmetic for a session: ("ring", plan) or ("float", None).
 
     "ring" takes the first plan of :data:`PLAN_ORDER` that fits (RingOverflow if none does); "auto" takes the
     ring where it is built (``possible``) and its plan is at least :data:`RING_FLOOR` on Z_2^64 or a wide plan,
-    else real numbers; "float" is float.
+    else real numbers; "float" is float. ``layer``: the plan of that decoder layer alone
+    (:func:`choose_ring_plan`).
     """
     if arith == "float" or (arith == "auto" and not possible):
         return "float", None
     try:
-        plan = choose_ring_plan(weights, mags, route)
+        plan = choose_ring_plan(weights, mags, route, layer)
     except RingOverflow:
         if arith == "ring":
             raise
         return "float", None
     if arith == "auto" and PLAN_ORDER.index(plan) > PLAN_ORDER.index(WIDE_FRONTIER[-1]):
         return "float", None
-    return "ring", plan
+    return "ring", narrow_plan(weights, mags, plan, layer)
 
 
 class Fx:
@@ -461,47 +481,98 @@ def wide_weights(arch: Arch, route: str = "12") -> list[str]:
     return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *extra)]
 
 
-def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12") -> dict[str, int]:
+def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str = "12",
+                 layer: int | None = None) -> dict[str, int]:
     """The fractional bits of every private weight under ``plan`` (what the setup announces): ``plan.wb``
-    significant bits, but the 8-hop route's qkv bias at the scale of the product it is added to."""
-    out = {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb)
-           for n, _ in weight_names(arch, route)}
+    significant bits, but the 8-hop route's qkv bias at the scale of the product it is added to. ``layer``:
+    only that decoder layer's weights (:func:`layer_weight_names`)."""
+    names = weight_names(arch, route) if layer is None else layer_weight_names(arch, layer, route)
+    out = {n: weight_frac(public_scale(np.asarray(weights[n], dtype=np.float64)), plan.wb) for n, _ in names}
     for n in out:
         if n.endswith(".qkv.b"):
             out[n] = plan.a + out[n[:-2]]
     return out
 
 
-def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12") -> RingPlan:
+def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12",
+                     layer: int | None = None) -> RingPlan:
     """The first plan of :data:`PLAN_ORDER` (Z_2^64 down to :data:`RING_FLOOR`, then the wide plans, then coarser
     Z_2^64 ones; the 8-hop route: the wide plans only) whose every shared value fits its ring with one bit to
-    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does."""
-    arch = weights.arch
+    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does.
+
+    ``layer``: the scales-only run is of that decoder layer alone (a benchmark of one layer holds only its
+    weights), from the embedding's scale and again from its own output's scale and ring (:func:`layer_output`: what
+    every later layer receives)."""
     last: Exception | None = None
     for plan in (WIDE_FRONTIER if route == "8" else PLAN_ORDER):
-        ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan))
-        try:
-            for step in (0, 1):
-                _run_budget(Forward(arch), ops, StepShape(arch, 8, step))
+        last = _misfit(weights, mags, plan, layer)
+        if last is None:
             return plan
-        except RingOverflow as e:
-            last = e
     raise RingOverflow(f"no fixed-point precision fits this model's activations in Z_2^64 (the coarsest: {last}); "
                        "use --arith float")
 
 
-def _run_budget(fwd: "Forward", ops: "PrivateOps", shape: StepShape) -> None:
-    """Drive a scales-only forward to completion (its ops never await anything)."""
-    coro = fwd.step(ops, None, shape)
+def narrow_plan(weights: ModelWeights, mags: dict[str, Any], plan: RingPlan, layer: int | None = None) -> RingPlan:
+    """``plan`` with U's reshares as narrow as their consumers allow (``RingPlan.s_bits``, ``a_bits``,
+    ``p_bits``, in that order; a wide plan's probabilities are on Z_N): for each, the smallest ring of whole bytes
+    on which the scales-only forward still fits. Every value computed from a reshared one carries its ring
+    (``Fx.bits``) up to the next clear view, so the run checks each consumer; the values themselves do not change
+    (they are the same mod the next reveal's ring)."""
+    for field in ("s_bits", "a_bits") + (() if plan.wide else ("p_bits",)):
+        for bits in range(RING_BITS - 8, 0, -8):
+            narrower = replace(plan, **{field: bits})
+            if _misfit(weights, mags, narrower, layer) is not None:
+                break
+            plan = narrower
+    return plan
+
+
+def _misfit(weights: ModelWeights, mags: dict[str, Any], plan: RingPlan, layer: int | None) -> RingOverflow | None:
+    """Why ``plan`` does not fit (the first value beyond its ring in a scales-only run of a prefill and a decode
+    step: of the model, or of decoder layer ``layer`` alone, see :func:`choose_ring_plan`), or None if it does."""
+    arch = weights.arch
+    ops = PrivateOps(None, arch, mags, None, "", plan=plan, fracs=weight_fracs(arch, weights, plan, layer=layer))
+    shapes = [StepShape(arch, 8, step) for step in (0, 1)]
+    try:
+        if layer is None:
+            for shape in shapes:
+                _run_budget(Forward(arch).step(ops, None, shape))
+        else:
+            for x in (Fx(None, plan.emb), layer_output(ops, layer)):
+                for shape in shapes:
+                    _run_budget(Forward(arch).layer(ops, layer, x, shape))
+    except RingOverflow as e:
+        return e
+    return None
+
+
+def layer_output(ops: "PrivateOps", layer: int) -> Fx:
+    """Decoder layer ``layer``'s output (scale and ring, no value) under a scales-only ``ops``, from an input at the
+    embedding's scale: every later layer's input, since each layer restarts the residual stream's scale at its norms
+    (``plan.res``; ChatGLM's α residual at the norm outputs). RingOverflow where a value does not fit."""
+    arch = ops.arch
+    out = _run_budget(Forward(arch).layer(ops, layer, Fx(None, ops.plan.emb), StepShape(arch, 8, 0)))
+    return Fx(None, out.scale, out.bits)
+
+
+def layer_weight_names(arch: Arch, layer: int, route: str = "12") -> list[tuple[str, str]]:
+    """(name, kind) of decoder layer ``layer``'s private weights (those of :func:`weight_names`)."""
+    return [(n, k) for n, k in weight_names(arch, route) if n.startswith(f"L{layer}.")]
+
+
+def _run_budget(coro: Any) -> Any:
+    """Drive a scales-only coroutine (a forward step or layer) to completion and return its value (its ops never
+    await anything)."""
     try:
         coro.send(None)
-    except StopIteration:
-        return
+    except StopIteration as done:
+        return done.value
     coro.close()
     raise RuntimeError("a scales-only forward awaited a message")
 
 
 _RESIDUAL = re.compile(r"^(L\d+\.x2?|final\.x)$")
+_LAYER_OP = re.compile(r"^L\d+\.")
 
 
 def _family(name: str) -> str:
@@ -703,9 +774,13 @@ class PrivateOps:
         # On a wide plan the attention block is on Z_N: norm1's output, and inside it the QK-norm's and the
         # attention output's norm (Gemma); norm2 brings the stream back to Z_2^64.
         wide_out = self.plan.wide and name.endswith(_WIDE_NORMS)  # type: ignore[union-attr]
-        make = (lambda n, sc: self._wide(n, sc)) if wide_out else (lambda n, sc: self._fx(n, None, sc))
-        out = make(name, self.plan.a)  # type: ignore[union-attr]
-        res = make(src, self.plan.res) if residual else None  # type: ignore[union-attr]
+
+        def make(n: str, scale: int, bits: int = RING_BITS) -> Fx:
+            return self._wide(n, scale) if wide_out else self._fx(n, None, scale, bits)
+        # U reshares a decoder layer's norm output on the plan's ring; the final norm's feeds the logits (full ring).
+        plan = self.plan
+        out = make(name, plan.a, plan.a_bits if _LAYER_OP.match(name) else RING_BITS)  # type: ignore[union-attr]
+        res = make(src, plan.res) if residual else None  # type: ignore[union-attr]
         if self.p is None:
             return out, (res or x)
         if not (wide_out or x.wide):
@@ -751,7 +826,8 @@ class PrivateOps:
     async def softmax(self, name: str, s: Value, valid: np.ndarray, scale: float, src: str, shape: tuple) -> Value:
         if not self.ring:
             return await softmax(self.p, name, s, mag_in=self._mag(src), valid=valid, scale=scale, shape=shape)
-        out = self._wide(name, self.plan.p) if s.wide else self._fx(name, None, self.plan.p)  # type: ignore[union-attr]
+        plan = self.plan
+        out = self._wide(name, plan.p) if s.wide else self._fx(name, None, plan.p, plan.p_bits)  # type: ignore[union-attr]
         if self.p is None:
             return out
         if not s.wide:
@@ -827,7 +903,7 @@ class PrivateOps:
 
     @_traced
     async def act(self, name: str, u: Value, src: str, shape: tuple) -> Value:
-        out = self._fx(name, None, self.plan.s) if self.ring else None  # type: ignore[union-attr]
+        out = self._fx(name, None, self.plan.s, self.plan.s_bits) if self.ring else None  # type: ignore[union-attr]
         if self.p is None:
             return out
         uv = u.v if self.ring else u

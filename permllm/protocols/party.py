@@ -18,7 +18,7 @@ import copy
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping, TypeVar
 
@@ -229,8 +229,12 @@ class Party:
             payload = _reduced(payload, self.modq)
         self.channels[to].send(tag, payload, phase=self.phase)
         if self.op is not None:
+            n = payload_bytes(payload)
             self.op.msgs_sent += 1
-            self.op.bytes_sent += payload_bytes(payload)
+            self.op.bytes_sent += n
+            lane = tag[1].rpartition("#")[2] if len(tag) == 4 and isinstance(tag[1], str) and "#q" in tag[1] else ""
+            key = f"{tag[0]}.{tag[-1]}" + (f"#{lane}" if lane else "")
+            self.op.by_message[key] = self.op.by_message.get(key, 0) + n
 
     async def recv(self, frm: Role, tag: tuple, *, modulus: int | None = None, revealed: bool = False) -> Any:
         """The message ``tag`` from ``frm``. For the audit transcript: ``modulus`` is the m its elements are
@@ -317,6 +321,7 @@ class OpRecord:
     bytes_recv: int = 0
     hops: int = 0             # dependent hops this op added to this party's clock
     hops0: int = 0
+    by_message: dict[str, int] = field(default_factory=dict)  # bytes sent per message: "kind.part" (+ a lane's "#q…")
 
     @property
     def compute_s(self) -> float:

@@ -201,7 +201,8 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
                             mode: str = "flat", valid: np.ndarray | None = None,
                             shape: tuple[int, ...] | None = None,
                             mag_share: float | np.ndarray | None = None,
-                            a_ahead: np.ndarray | None = None, perm_name: str | None = None) -> np.ndarray | None:
+                            a_ahead: np.ndarray | None = None, perm_name: str | None = None,
+                            bits: int = RING_BITS) -> np.ndarray | None:
     """Share U's clear permuted ``y`` again and undo π; 1 hop U → M.
 
     π is that of the reveal named ``perm_name`` (default ``name``); on the ring U passes ``y``
@@ -211,12 +212,20 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
     column of y (default ``mag``). A light-mode U may pass a′ drawn ahead (``a_ahead``,
     from :func:`apply_permuted`).
 
+    On the ring, ``bits`` < 64 (a multiple of 8) reshares y on Z_2^bits: U sends y′ − a′ mod 2^bits in
+    bits/8 bytes an element, so the new shares add up to y mod 2^bits only — enough where every value
+    computed from them before the next reveal fits that ring (the session's plan checks it,
+    ``RingPlan.a_bits``).
+
     With a ``valid`` prefix per row, only the prefixes' entries are sent and both new shares
     are 0 past them (a softmax over the prefix; U's ``y`` there is not used).
 
-    Learns: M receives y′ − a′ (hidden by a′: on the ring uniform whatever y, on real numbers
+    Learns: M receives y′ − a′ (hidden by a′: on the ring uniform whatever y, mod 2^bits, on real numbers
     width R·mag) and γ = π⁻¹(a′) − b′; their combination y − b′ stays hidden by b′. H learns nothing.
     """
+    narrow = p.ring and bits < RING_BITS
+    if narrow and (bits % 8 or bits < 8):
+        raise ValueError(f"reshare_unpermute {name!r}: a reshare travels in whole bytes, not {bits} bits")
     mag_b = mag if mag_share is None else mag_share
     perm_name = perm_name or name
     if p.phase == "offline":
@@ -252,7 +261,8 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         if y is None or y.shape != a.shape:
             raise ProtocolError(f"reshare_unpermute {name!r}: output shape differs from the offline one")
         keep = _prefix(tuple(y.shape), mode, valid)
-        p.send(Role.MODEL, p.tag("unperm", name, "y"), prefix.pack(np.asarray(y, dtype=p.dtype) - a, keep))
+        msg = prefix.pack(np.asarray(y, dtype=p.dtype) - a, keep)
+        p.send(Role.MODEL, p.tag("unperm", name, "y"), ring.pack(msg, bits) if narrow else msg)
         if light:  # drawn after the message has left: off the online critical path
             b = prefix.zero_tail(_b_mask(p, name, y.shape, mag_b, again=True), keep)
         return b
@@ -260,8 +270,16 @@ async def reshare_unpermute(p: Party, name: str, y: np.ndarray | None, *, mag: f
         gamma = p.take(name + "/unperm")
         pi = p.take(name + "/pi") if perm_name == name else p.peek(perm_name + "/pi")
         keep = _prefix(tuple(gamma.shape), mode, valid)
-        d = await p.recv_array(Role.USER, p.tag("unperm", name, "y"),
-                               gamma.shape if keep is None else (int(keep.sum()),))
+        want = gamma.shape if keep is None else (int(keep.sum()),)
+        tag = p.tag("unperm", name, "y")
+        if narrow:
+            try:
+                d = ring.unpack(await p.recv(Role.USER, tag, modulus=256), bits, want,
+                                f"reshare_unpermute {name!r}: the user's message").astype(np.uint64)
+            except ValueError as e:
+                raise ProtocolError(str(e)) from None
+        else:
+            d = await p.recv_array(Role.USER, tag, want)
         return pi.invert(prefix.unpack(d, keep, f"reshare_unpermute {name!r}")) + gamma
     raise ProtocolError(f"reshare_unpermute {name!r}: the helper has no online branch")
 
@@ -279,7 +297,7 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
     output of the same shape. M passes ``shape`` offline (it has no values then).
     On the ring U decodes each input at its encoding ``encs_in`` (a value outside its
     published range raises :class:`~permllm.protocols.ring.RingOverflow` naming the op) and
-    encodes the output at ``enc_out``. With ``residual`` (ring only) U also reshares x₀ itself
+    encodes the output at ``enc_out``, resharing it on Z_2^(``enc_out.bits``) (:func:`reshare_unpermute`). With ``residual`` (ring only) U also reshares x₀ itself
     re-encoded at that scale, in the same hop, and the op returns (output share, x₀'s new share):
     a residual stream restarts its scale at each norm.
 
@@ -307,7 +325,7 @@ async def apply_permuted(p: Party, name: str, xs: Sequence[np.ndarray | None],
         res = await reshare_unpermute(p, name + "#res", x0, mag=mags_in[0], mode=mode, valid=valid, shape=shp,
                                       perm_name=name)
     out = await reshare_unpermute(p, name, y, mag=mag_out, mode=mode, valid=valid, shape=shp, mag_share=mag_share,
-                                  a_ahead=a)
+                                  a_ahead=a, bits=enc_out.bits if rg else RING_BITS)  # type: ignore[union-attr]
     return out if residual is None else (out, res)
 
 
@@ -322,7 +340,7 @@ async def apply_permuted_wide(p: Party, name: str, x: np.ndarray | None, xrs: Se
     ``x`` is the share's residue mod 2^64 and ``xrs`` its residues mod each prime (None: the input lives
     on Z_2^64 only). Every residue is revealed under the same π (one hop M → U, all residues' messages
     together), U combines them and decodes at ``enc_in``, computes ``f`` and encodes at ``enc_out`` —
-    on Z_N if ``wide_out``, else on Z_2^64 — and reshares every residue, and with ``residual`` the
+    on Z_N if ``wide_out``, else resharing on Z_2^(``enc_out.bits``) — and reshares every residue, and with ``residual`` the
     input itself (on Z_N if ``residual_wide``), in one hop U → M. Returns ((output mod 2^64, its
     residues or None), and with ``residual`` the same for the re-encoded input).
 
@@ -363,18 +381,19 @@ async def apply_permuted_wide(p: Party, name: str, x: np.ndarray | None, xrs: Se
     kw = dict(mode=mode, valid=valid, shape=shp)
 
     async def reshare_all(base: str, v64: np.ndarray | None, vrs: list | None, wide: bool, mag: float,
-                          share: float | np.ndarray | None, last: bool) -> tuple:
+                          share: float | np.ndarray | None, last: bool, bits: int) -> tuple:
         outs = None
         if wide:
             outs = [await reshare_unpermute(v, f"{base}#q{i}", None if vrs is None else vrs[i], mag=mag,
                                             mag_share=share, perm_name=name, **kw) for i, v in enumerate(views)]
-        main = await reshare_unpermute(p, base, v64, mag=mag, mag_share=share, perm_name=None if last else name, **kw)
+        main = await reshare_unpermute(p, base, v64, mag=mag, mag_share=share, perm_name=None if last else name,
+                                       bits=RING_BITS if wide else bits, **kw)
         return main, outs
 
     res = None
     if residual is not None:
-        res = await reshare_all(name + "#res", x0, x0_rs, residual_wide, mag_in, None, False)
-    out = await reshare_all(name, y, y_rs, wide_out, mag_out, mag_share, True)
+        res = await reshare_all(name + "#res", x0, x0_rs, residual_wide, mag_in, None, False, residual.bits)
+    out = await reshare_all(name, y, y_rs, wide_out, mag_out, mag_share, True, enc_out.bits)
     return out if residual is None else (out, res)
 
 

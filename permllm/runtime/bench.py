@@ -9,7 +9,9 @@ Targets:
   262,144 entries).
 * ``chatglm6b-layer`` — one full-size ChatGLM-6B decoder layer (hidden 4096, 32 heads,
   MLP 16384, random weights), prefill then decode steps, three parties over loopback
-  TCP, against the plaintext layer in the same dtype.
+  TCP, against the plaintext layer in the same dtype, on the ring (the default) or real
+  numbers and either decode route; per token it adds a token's edges (embedding lookup,
+  final norm, token selection over the 130,528-entry vocabulary).
 
 Both report the keys of :data:`KEYS` (and more). Online times are measured with the
 offline phase already done (it runs ahead in real use), so they are the latency a user
@@ -27,7 +29,7 @@ import numpy as np
 
 from ..net import LinkEmulator
 from ..protocols import Sampler, ShareConfig, ring, select_token, setup_weight
-from ..protocols.embedding import TABLE_BITS
+from ..protocols.config import RING_BITS
 from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_online, run_setup
 from .session import DEALT_BATCH, offline_batches
 from .profile import enable, op_kind
@@ -172,54 +174,88 @@ async def bench_model(model: str, tokens: int = 16, prompt_len: int = 64, rtt_ms
 
 
 async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: float = 0.0,
-                              bandwidth_mbit: float | None = None, dtype: str = "float64",
-                              seed: int = 0, route: str = "12") -> dict[str, Any]:
-    """One full-size ChatGLM-6B layer: prefill ``prompt_len`` rows, then ``tokens`` decode steps.
+                              bandwidth_mbit: float | None = None, dtype: str = "float64", seed: int = 0,
+                              route: str = "auto", arith: str = "auto", cfg: Any = None) -> dict[str, Any]:
+    """One full-size ChatGLM-6B layer (``cfg``: another ChatGLMConfig, e.g. a test's small one): prefill
+    ``prompt_len`` rows, then ``tokens`` decode steps, three parties over loopback TCP, against the plaintext
+    layer in the same run.
 
-    ``route`` picks the decode attention route ("12" or "8", see protocols/attention.py).
+    ``arith`` and ``route`` are ShareConfig's ("auto": the ring, and on it the 8-hop route). The public bounds
+    come from the plaintext layer on an independent draw of inputs (as :func:`~permllm.model.calibrate` uses
+    pseudo-random tokens, never the prompt), and the ring's plan from them as a session chooses it
+    (:func:`~permllm.model.forward.resolve_arith` of the layer: its precision and U's reshare rings); a value
+    beyond its bound stops the run with RingOverflow. Per token: one layer's figures times the model's layers, plus a token's edges
+    (:func:`_edges`: the embedding lookup, the final norm and the token selection over the vocabulary).
     """
     import torch
 
     from ..model import Forward, ModelWeights, PlainOps, PrivateOps, StepShape, from_chatglm, public_bounds
     from ..model.chatglm_ref import ChatGLMConfig, init_weights
+    from ..model.forward import Fx, layer_output, layer_weight_names, resolve_arith, weight_fracs, wide_weights
+    from ..protocols import crt
 
-    cfg = full = ChatGLMConfig.full()
-    tensors = init_weights(cfg, seed=seed, dtype=torch.float32, layers=range(1))
-    w = from_chatglm(cfg, tensors, layers=range(1))
+    cfg = cfg or ChatGLMConfig.full()
+    w = from_chatglm(cfg, init_weights(cfg, seed=seed, dtype=torch.float32, layers=range(1)), layers=range(1))
     arch = w.arch
     rng = np.random.default_rng(seed)
-    xs = [rng.normal(size=(prompt_len, arch.hidden))] + [rng.normal(size=(1, arch.hidden)) for _ in range(tokens)]
+    xs, cal = ([rng.normal(size=(prompt_len, arch.hidden))] + [rng.normal(size=(1, arch.hidden))
+                                                               for _ in range(tokens)] for _ in range(2))
     shapes = [StepShape(arch, prompt_len, s) for s in range(tokens + 1)]
     fwd = Forward(arch)
-    # The public mask magnitudes: the plaintext layer's records (with the 8-hop route's extra
-    # products), untimed.
+    # The public bounds: the plaintext layer's records on the calibration draw (with the 8-hop route's extra
+    # products), and the head's on that layer's outputs, untimed.
     plain = PlainOps(w)
-    for x, sh in zip(xs, shapes):
-        await fwd.layer(plain, 0, x, sh)
-    # The baseline: the plain layer alone, in the share dtype (weights cast to it once).
+    cal_out = [await fwd.layer(plain, 0, x, sh) for x, sh in zip(cal, shapes)]
+    head = PlainOps(_head_weights(cfg, arch, seed))
+    for y in cal_out:
+        await fwd.head(head, y.astype(np.float32))  # float32: the 130,528 × 4096 table is not copied to float64
+    mags = public_bounds({**plain.mags, **head.mags})
+    # The baseline and the reference outputs: the plain layer alone, in the share dtype.
     timed = PlainOps(ModelWeights(arch, {k: np.asarray(v, dtype=dtype) for k, v in w.tensors.items()}))
     timed.attention = None  # type: ignore[assignment]  # no calibration products: the 12-hop composition
-    plain_s = []
+    plain_s, want = [], []
     for x, sh in zip(xs, shapes):
         t0 = time.perf_counter()
-        await fwd.layer(timed, 0, x.astype(dtype), sh)
+        want.append(await fwd.layer(timed, 0, x.astype(dtype), sh))
         plain_s.append(time.perf_counter() - t0)
-    mags = public_bounds(plain.mags)
-    config = ShareConfig(dtype, route=route)
+    logits = (await fwd.head(head, want[-1].astype(np.float32))).astype(np.float64).reshape(-1)
+    config = ShareConfig(dtype, route=route, arith=arith)
+    rt = config.attention_route
+    kind, plan = resolve_arith(arith, config.ring_possible, w, mags, rt, layer=0)
+    fracs = weight_fracs(arch, w, plan, rt, layer=0) if plan is not None else {}
+    scale = logits_enc = None
+    bits = RING_BITS
+    if plan is not None:  # the layer's input at the scale and ring its output has (every layer's but the first)
+        budget = PrivateOps(None, arch, mags, None, "", plan=plan, fracs={**fracs, **_head_fracs(head.w, plan)})
+        out = layer_output(budget, 0)
+        scale, bits = out.scale, out.bits
+        lg = await fwd.head(budget, out)
+        logits_enc = ring.Enc(lg.scale, lg.bits, budget._range("logits"))
+    del head, plain, timed
     trio = await local_trio("tcp", config, link=_link(rtt_ms, bandwidth_mbit))
     async with trio:
-        names = [f"L0.{n}" for n in ("qkv", "o", "mlp_in", "mlp_out")] + ["L0.res_in", "L0.res_post"]
-        names += ["L0.qkv.b"] if route == "8" else []  # the 8-hop route's masked qkv bias
-        for n in names:
-            await run_setup(trio, lambda p, n=n: setup_weight(p, n, w[n] if p.is_model else None))
+        for p in trio.parties:
+            p.ring = plan is not None
+        biases = ModelWeights(arch, {k: v for k, v in w.tensors.items() if k.endswith(".b")})  # what M's ops read
+        wide = set(wide_weights(arch, rt)) if plan is not None and plan.wide else set()
+        for n, _ in layer_weight_names(arch, 0, rt):
+            await run_setup(trio, lambda p, n=n: setup_weight(p, n, w[n] if p.is_model else None,
+                                                              frac=fracs.get(n)))
+            for i, q in enumerate(crt.PRIMES if n in wide else ()):  # the attention block's, mod each prime too
+                await run_setup(trio, lambda p, n=n, i=i, q=q: setup_weight(
+                    p.residue(q), f"{n}#q{i}", w[n] if p.is_model else None, frac=fracs[n]))
+            del w.tensors[n]  # the parties hold it now: one copy fewer at the peak (a full-size layer, ~1.6 GB)
         setup_bytes = sum(p.meter.total("setup").bytes_sent for p in trio.parties)
-        online_s, offline_s, hops, on_bytes, off_bytes = [], [], [], [], []
-        inputs = [DealtInput(trio, f"x{step}", x, float(np.max(np.abs(x))) * 2) for step, x in enumerate(xs)]
+        del w
+        records = enable(trio.parties)
+        online_s, offline_s, hops, on_bytes, off_bytes, errs = [], [], [], [], [], []
+        inputs = [DealtInput(trio, f"x{step}", x, float(np.max(np.abs(x))) * 2, scale) for step, x in enumerate(xs)]
 
         def graph_of(step: int) -> Any:
             async def graph(p: Any) -> Any:
-                ops = PrivateOps(p, arch, mags, w if p.is_model else None, "g0.")
-                return await fwd.layer(ops, 0, inputs[step].of(p), shapes[step])
+                ops = PrivateOps(p, arch, mags, biases if p.is_model else None, "g0.", plan=plan)
+                x = inputs[step].of(p)
+                return await fwd.layer(ops, 0, x if plan is None else Fx(x, scale, bits), shapes[step])
             return graph
         # The offline phase as a session runs it: the prefill alone, then batches of decode steps.
         for batch in offline_batches(tokens + 1, DEALT_BATCH):
@@ -237,43 +273,131 @@ async def bench_chatglm_layer(tokens: int = 8, prompt_len: int = 64, rtt_ms: flo
                 online_s.append(time.perf_counter() - t0)
                 hops.append(max(p.meter.hops("online") for p in (trio.model, trio.user)))
                 on_bytes.append(sum(p.meter.total("online").bytes_sent for p in trio.parties))
-                if step == 0:
-                    want = await fwd.layer(PlainOps(w), 0, xs[0], shapes[0])
-                    err0 = float(np.max(np.abs(m + u - want)))
-        sel_on, sel_off = await _selection_bytes(trio, full.vocab_size, full.hidden_size, 30.0)
+                got = m + u if plan is None else ring.decode(m.v + u.v, m.scale, m.bits, "the layer's output")
+                errs.append(float(np.max(np.abs(got - want[step]))))
+        by_op: dict[str, float] = {}
+        by_msg: dict[str, float] = {}  # per op kind and message ("kind.part", a prime's lane "#q…")
+        for r in _decode([x for rs in records for x in rs]):
+            k = op_kind(r.name)[1]
+            by_op[k] = by_op.get(k, 0.0) + r.bytes_sent / tokens
+            for m, n in r.by_message.items():
+                by_msg[f"{k}: {m}"] = by_msg.get(f"{k}: {m}", 0.0) + n / tokens
+        for p in trio.parties:
+            p.trace = None
+        edges_on, edges_off = await _edges(trio, arch, mags, plan, (scale, bits), logits_enc, want[-1][-1:], logits)
     dec = slice(1, None)
     layer_online = float(np.mean(online_s[dec]))
-    per_token_bytes = 28 * float(np.mean(on_bytes[dec])) + sel_on
+    layer_bytes = float(np.mean(on_bytes[dec]))
+    L = cfg.num_layers
     return {
-        "target": "chatglm6b-layer", "route": route, "tokens": tokens, "prompt_len": prompt_len, "rtt_ms": rtt_ms,
-        "bandwidth_mbit": bandwidth_mbit, "dtype": dtype,
+        "target": "chatglm6b-layer", "arith": kind, "route": rt, "plan": None if plan is None else plan.to_list(),
+        "tokens": tokens, "prompt_len": prompt_len, "rtt_ms": rtt_ms, "bandwidth_mbit": bandwidth_mbit,
+        "dtype": dtype, "layers": L,
         "online_ms_per_token": 1e3 * layer_online, "plaintext_ms_per_token": 1e3 * float(np.mean(plain_s[dec])),
         "offline_ms_per_token": 1e3 * float(np.mean(offline_s[dec])), "offline_prefill_ms": 1e3 * offline_s[0],
         "ttft_ms": 1e3 * online_s[0], "plaintext_ttft_ms": 1e3 * plain_s[0],
-        "hops_per_layer": float(np.mean(hops[dec])), "hops_per_token": 28 * float(np.mean(hops[dec])) + EDGE_HOPS,
-        "online_bytes_per_token": per_token_bytes, "online_bytes_per_layer": float(np.mean(on_bytes[dec])),
-        "offline_bytes_per_token": 28 * float(np.mean(off_bytes[dec])) + sel_off, "setup_bytes": setup_bytes,
-        "selection_online_bytes": sel_on, "selection_offline_bytes": sel_off,
-        "prefill_max_abs_err": err0, "ratio_online_to_plaintext": layer_online / float(np.mean(plain_s[dec])),
-        "note": "per-token figures scale one layer to ChatGLM-6B's 28 layers and add one token selection "
-                "at vocab 130528 (measured) and the next embedding's one-hot (2 bytes per vocab entry)",
+        "hops_per_layer": float(np.mean(hops[dec])), "hops_per_token": L * float(np.mean(hops[dec])) + EDGE_HOPS,
+        "online_bytes_per_token": L * layer_bytes + sum(edges_on.values()), "online_bytes_per_layer": layer_bytes,
+        "online_bytes_per_layer_by_op": by_op, "online_bytes_per_layer_by_message": by_msg,
+        "online_bytes_edges": edges_on,
+        "offline_bytes_per_token": L * float(np.mean(off_bytes[dec])) + sum(edges_off.values()),
+        "offline_bytes_per_layer": float(np.mean(off_bytes[dec])), "offline_bytes_edges": edges_off,
+        "setup_bytes": setup_bytes,
+        "prefill_max_abs_err": errs[0], "decode_max_abs_err": max(errs[1:], default=0.0),
+        "output_max_abs": float(max(np.max(np.abs(y)) for y in want)),
+        "ratio_online_to_plaintext": layer_online / float(np.mean(plain_s[dec])),
+        "note": f"per-token bytes and hops: one decode layer's (measured, all three parties, frames included) times "
+                f"{L} layers, plus a token's edges (online_bytes_edges: the final norm and the token selection over "
+                f"the {arch.vocab}-entry vocabulary measured at that shape, the embedding lookup measured on three "
+                "small tables and combined, its messages being vocabulary- or hidden-sized); the per-op and "
+                "per-message breakdowns are of one decode layer (per op: payload bytes without frames)",
     }
 
 
-async def _selection_bytes(trio: Any, vocab: int, hidden: int, mag: float) -> tuple[float, float]:
-    """Online and offline bytes of one token selection at this vocabulary (measured on ``trio``),
-    the online ones plus the next embedding's (analytic: the embedding table itself is too large
-    to build here): the masked one-hot (vocab ring words), the lift (hidden ring words) and U's
-    real-number reshare (hidden float64 values)."""
-    rng = np.random.default_rng(1)
-    x = DealtInput(trio, "sel.logits", rng.normal(size=vocab) * mag / 4, mag)
+def _head_weights(cfg: Any, arch: Any, seed: int) -> Any:
+    """The head of the benchmark's model (``final`` norm affine, ``embed`` the tied table, float32): the
+    tensors a full init draws (:func:`~permllm.model.chatglm_ref.init_tensor`), for the edges' bounds."""
+    from ..model import ModelWeights
+    from ..model.chatglm_ref import init_tensor
 
-    def graph(p: Any) -> Any:
-        return select_token(p, "sel", x.of(p), sampler=Sampler(), rng=None, mag=mag, vocab=vocab)
+    t = {k: init_tensor(f"transformer.{n}", shape, seed).numpy() for k, n, shape in (
+        ("final", "final_layernorm.weight", (cfg.hidden_size,)),
+        ("final.b", "final_layernorm.bias", (cfg.hidden_size,)),
+        ("embed", "word_embeddings.weight", (cfg.vocab_size, cfg.hidden_size)))}
+    return ModelWeights(arch, t)
+
+
+def _head_fracs(weights: Any, plan: Any) -> dict[str, int]:
+    """The head's fractional bits under ``plan``, as :func:`~permllm.model.forward.weight_fracs` sets them (the
+    table's public scale from its extremes: no |table|-sized temporary)."""
+    from ..protocols.linear import public_scale, weight_frac
+
+    return {n: weight_frac(public_scale(np.array([weights[n].min(), weights[n].max()], dtype=np.float64)), plan.wb)
+            for n in ("final", "embed")}
+
+
+async def _edges(trio: Any, arch: Any, mags: dict[str, float], plan: Any, out: tuple[int | None, int], enc: Any,
+                 x_last: np.ndarray, logits: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """Online and offline bytes of a token's edges, measured on ``trio`` (all three parties, frames included):
+    the final norm of the last layer's output row ``x_last`` (on the ring at the layer output's ``out``: scale,
+    ring bits) and
+    the token selection over ``logits`` (at ``enc``), both at the model's shapes, and the embedding lookup of
+    one id (:func:`_lookup_bytes`). The two linears between the norm and the selection send nothing online."""
+    from ..model import PrivateOps
+    from ..model.forward import Fx
+
+    xin = DealtInput(trio, "edge.x", x_last, mags["final.x"], out[0])
+
+    def final_norm(p: Any) -> Any:
+        x = xin.of(p)
+        return PrivateOps(p, arch, mags, None, "e.", plan=plan).norm(
+            "final.n", x if plan is None else Fx(x, *out), "final.x", (1, arch.hidden))
+    sel = DealtInput(trio, "edge.logits", logits, mags["logits"], None if enc is None else enc.scale)
+
+    def select(p: Any) -> Any:
+        return select_token(p, "select", sel.of(p), sampler=Sampler(), rng=None, mag=mags["logits"],
+                            vocab=arch.vocab, enc=enc)
+    on, off = {}, {}
+    for name, graph, token in (("final_norm", final_norm, 10_000), ("token_selection", select, 10_001)):
+        on[name], off[name] = await _measure(trio, graph, token)
+    on["embedding"], off["embedding"] = await _lookup_bytes(trio, arch.vocab, arch.hidden,
+                                                            None if plan is None else plan.emb)
+    return on, off
+
+
+async def _measure(trio: Any, graph: Any, token: int) -> tuple[float, float]:
+    """(online, offline) bytes sent by all three parties in one run of ``graph`` at ``token``."""
     for p in trio.parties:
         p.meter.reset()
-    await run_offline(trio, graph, 10_000)
-    await run_online(trio, graph, 10_000)
-    on = sum(p.meter.total("online").bytes_sent for p in trio.parties)
-    off = sum(p.meter.total("offline").bytes_sent for p in trio.parties)
-    return on + ring.wire_bytes(TABLE_BITS) * (vocab + hidden) + 8 * hidden, off
+    await run_offline(trio, graph, token)
+    await run_online(trio, graph, token)
+    return (float(sum(p.meter.total("online").bytes_sent for p in trio.parties)),
+            float(sum(p.meter.total("offline").bytes_sent for p in trio.parties)))
+
+
+async def _lookup_bytes(trio: Any, vocab: int, hidden: int, out_scale: int | None,
+                        small: int = 8) -> tuple[float, float]:
+    """(online, offline) bytes of the embedding lookup of one id in a (vocab × hidden) table, measured on three
+    tables — (vocab × small), (small × hidden), (small × small) — and combined as B(V, h) = B(V, s) + B(s, h) −
+    B(s, s): every message of the lookup is vocabulary-sized (U's masked one-hot) or hidden-sized (the products,
+    the lift, the reshare), so its bytes are affine in each, and the full table (534 M entries at ChatGLM-6B's
+    shape, a copy per party) is never built."""
+    from ..protocols import embed
+    from ..protocols.embedding import setup_table
+
+    rng = np.random.default_rng(2)
+    got = []
+    for i, (v, h) in enumerate(((vocab, small), (small, hidden), (small, small))):
+        name = f"edge.table{i}"
+        table = rng.normal(size=(v, h)) * 0.02
+        await run_setup(trio, lambda p: setup_table(p, name, table if p.is_model else None, shape=(v, h)))
+
+        def lookup(p: Any) -> Any:
+            ids = [v // 2] if p.is_user and p.phase == "online" else None
+            return embed(p, f"edge.embed{i}", ids, weight="embed", table=name, vocab=v, n_tokens=1, mag_out=1.0,
+                         out_scale=out_scale)
+        got.append(await _measure(trio, lookup, 10_002 + i))
+        for p in trio.parties:
+            del p.weights[name]
+    (a_on, a_off), (b_on, b_off), (c_on, c_off) = got
+    return a_on + b_on - c_on, a_off + b_off - c_off

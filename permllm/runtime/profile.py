@@ -21,7 +21,7 @@ __all__ = ["enable", "summarize", "format_table", "plot", "op_kind", "Summary"]
 _LAYER = re.compile(r"^L(\d+)\.(.+)$")
 KINDS = {"n1": "norm", "n2": "norm", "qkv": "linear", "o": "linear", "mlp_in": "linear", "mlp_out": "linear",
          "res_in": "linear", "res_post": "linear", "s": "q·Kᵀ", "att": "P·V", "p": "softmax", "act": "activation",
-         "qkn": "norm", "na": "norm", "nf": "norm", "qn": "linear", "kn": "linear", "post_attn": "linear",
+         "att8": "attention (8-hop)", "qkn": "norm", "na": "norm", "nf": "norm", "qn": "linear", "kn": "linear", "post_attn": "linear",
          "post_ff": "linear"}
 
 
