@@ -343,12 +343,12 @@ class _Party:
         """Start generation ``g``'s offline phase of its first ``g.dealt`` steps (readiness: :meth:`offline_done`)."""
         self.ready = [asyncio.Event() for _ in range(g.dealt)]
         self.pace = _Pace(self.arch.layers)  # type: ignore[union-attr]
-        self.off = asyncio.create_task(self.offline(g, self.ready, window))
+        self.off = asyncio.create_task(self.offline(g, window))
         return self.off
 
-    async def offline(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
+    async def offline(self, g: _Gen, window: asyncio.Semaphore | None) -> None:
         if self.p.config.offline == "he" and not self.p.is_helper:
-            return await self.offline_light(g, ready, window)
+            return await self.offline_light(g, window)
         self.offline_step_s = [0.0] * g.max_new
         batched = self.p.config.offline == "dealer" and not self.p.is_model
         for batch in offline_batches(g.dealt, max(1, min(DEALT_BATCH, g.ahead // 2)) if batched else 1, g.first):
@@ -363,7 +363,7 @@ class _Party:
                     await self.step("offline", g, step, None, None, Sampler())
             self._timed(g, batch, time.perf_counter() - t0)
             for step in batch:
-                ready[step].set()
+                self.ready[step].set()
                 if g.paced(step) and self.pace is not None:
                     self.pace.passed_offline(step, self.arch.layers + 1)  # type: ignore[union-attr]
                 if self.progress:
@@ -375,7 +375,7 @@ class _Party:
         for step in batch:
             self.offline_step_s[g.emitted(step)] += seconds / len(batch)
 
-    async def offline_light(self, g: _Gen, ready: list[asyncio.Event], window: asyncio.Semaphore | None) -> None:
+    async def offline_light(self, g: _Gen, window: asyncio.Semaphore | None) -> None:
         """U and M in the light mode: the offline phase in batches of steps, one HE exchange per op and batch.
 
         The first batch is the prefill with the first decode steps (:data:`LIGHT_FIRST` in
@@ -407,7 +407,7 @@ class _Party:
                 he_matmul.abort_batch(self.p)
             self._timed(g, batch, time.perf_counter() - t0)
             for step in batch:
-                ready[step].set()
+                self.ready[step].set()
                 if self.progress:
                     self.progress("offline", step + 1, g.max_new)
 
