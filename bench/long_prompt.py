@@ -1,6 +1,6 @@
 """One long prompt on SmolLM2, embedded, in this (fresh) process: time to first token as a user sees it
 (request to token, the offline phase windowed and paced), the first two ids against transformers' greedy,
-and the process's peak memory (VmHWM) against its resident memory after setup.
+and the process's peak memory (VmHWM, MB of 10⁶ bytes) after setup and at the end.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/long_prompt.py 2048      # one JSON line
 
@@ -18,14 +18,6 @@ import time
 import numpy as np
 
 
-def _vm(key: str) -> float:
-    """A /proc/self/status memory figure, in MB."""
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-    raise KeyError(key)
-
-
 async def main(length: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -34,6 +26,7 @@ async def main(length: int) -> dict:
     from permllm.model import load_model
     from permllm.model.loaders import model_dir
     from permllm.runtime.bench import TTFT_REPS, prompt_ids
+    from permllm.runtime.scaling import peak_rss_mb
 
     lm = load_model("smollm2")
     ids = prompt_ids(lm.tokenizer, lm.arch.vocab, length)
@@ -50,7 +43,7 @@ async def main(length: int) -> dict:
     del hf
     gc.collect()
     async with await permllm.local(lm) as s:
-        setup_rss = _vm("VmRSS")
+        setup_peak = peak_rss_mb()
         got: list[int] = []
         t0 = time.perf_counter()
         async for t in s.generate_ids(ids, 2, stop_at_eos=False):
@@ -59,8 +52,8 @@ async def main(length: int) -> dict:
                 ttft = time.perf_counter() - t0
         r = s.last
     return {"prompt_len": length, "ttft_s": ttft, "plaintext_ttft_s": float(np.median(times)), "ids": got,
-            "plaintext_ids": plain, "identical": got == plain, "rss_after_setup_mb": setup_rss,
-            "peak_rss_mb": _vm("VmHWM"), "online_bytes": r.online_bytes, "offline_bytes": r.offline_bytes}
+            "plaintext_ids": plain, "identical": got == plain, "peak_rss_after_setup_mb": setup_peak,
+            "peak_rss_mb": peak_rss_mb(), "online_bytes": r.online_bytes, "offline_bytes": r.offline_bytes}
 
 
 if __name__ == "__main__":
