@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from permllm.protocols import Sampler, choose
-from permllm.runtime.speculate import (AdaptiveK, Drafter, DraftModel, GreedyVerifier, PromptLookup, Speculator,
-                                       accept, speculative_generate)
+from permllm.runtime.speculate import (AdaptiveK, CostAwareK, Drafter, DraftModel, GreedyVerifier, PromptLookup,
+                                       Speculator, accept, speculative_generate)
 
 from .test_generation import hf_greedy
 
@@ -267,3 +267,28 @@ def test_speculative_sampling_with_position_keyed_draws_is_pathwise_exact():
             ids.append(choose(_toy_logits(ids), TOY, draws(len(ids))))
         got = speculative_generate(_sampling_verifier(draws), Speculator(_ToyDrafter(), AdaptiveK()), prompt, 12)
         assert got == ids[len(prompt):], seed
+
+
+def test_cost_aware_k():
+    """K maximises expected tokens per hop: none while drafts are rejected and a pass with drafts costs more
+    hops than a decode step, all of k_max once they are accepted, and any K when drafts cost no hops."""
+    hops = {0: 248}
+    a = CostAwareK(lambda k, keys: hops.get(k, 368), k_max=8)
+    assert a.acceptance == 0.5 and a.choose(10) > 0  # at a = 1/2 a pass yields up to 2 tokens: > 368/248
+    for _ in range(6):
+        a.update(1, 0)
+    assert a.acceptance < 0.2 and a.choose(10) == 0
+    a.update(0, 0)  # nothing drafted: nothing learnt
+    assert a.acceptance < 0.2
+    for _ in range(8):
+        a.update(8, 8)
+    assert a.acceptance > 0.9 and a.choose(10) == 8
+    seen = []
+    flat = CostAwareK(lambda k, keys: seen.append(keys) or 368, k_max=4, row_cost=0)  # no hop saved at K = 0
+    for _ in range(6):
+        flat.update(1, 0)
+    assert flat.choose(300) == 4 and set(seen) == {300}
+    with pytest.raises(ValueError):
+        CostAwareK(lambda k, keys: 1, decay=0)
+    with pytest.raises(ValueError):
+        a.update(2, 3)

@@ -17,7 +17,7 @@ import permllm
 from permllm.model import load_model
 from permllm.net import Channel
 from permllm.protocols import ProtocolError, Role, Sampler, ShareConfig
-from permllm.runtime.speculate import AdaptiveK, DraftModel, PromptLookup, Speculator
+from permllm.runtime.speculate import AdaptiveK, CostAwareK, DraftModel, PromptLookup, Speculator
 
 from .test_generation import _llama_dir, hf_greedy
 
@@ -127,3 +127,30 @@ async def test_fewer_online_hops_per_token_on_a_copying_prompt(tmp_path):
         per_spec = s.last.online_hops / len(spec)
     assert spec == plain
     assert per_spec < 0.8 * per_plain, (per_spec, per_plain)
+
+
+async def test_the_hop_model_is_what_a_generation_takes(tmp_path, monkeypatch):
+    """Session.pass_hops (what CostAwareK weighs) equals the online hops each verify pass takes: the fused op
+    for a pass without drafts (8 hops a layer), the 12-hop ops with drafts and past the fused op's keys."""
+    from permllm.model import forward
+
+    d, hf = _llama_dir(tmp_path)
+    lm = load_model(str(d))
+    L = lm.arch.layers
+    monkeypatch.setattr(forward, "ATTN8_MAX_KEYS", len(PROMPT) + 12)
+    want = hf_greedy(hf, PROMPT, N)
+    async with await permllm.local(lm, config=ShareConfig(route="8")) as s:
+        assert (s.pass_hops(0, 30), s.pass_hops(3, 30)) == (8 * L + 8, 12 * L + 8)
+        assert s.pass_hops(0, len(PROMPT) + 13) == 12 * L + 8  # the new row would be key ATTN8_MAX_KEYS + 1
+        [t async for t in s.generate_ids(PROMPT, 1, stop_at_eos=False)]
+        prefill = s.last.online_hops
+        spec = s.speculator(PromptLookup())
+        assert isinstance(spec.policy, CostAwareK)
+        assert [t async for t in s.generate_ids(PROMPT, N, stop_at_eos=False, speculate=spec)] == want
+        r = s.last
+        context, model = len(PROMPT) + 1, 0
+        for k, kept in zip(r.drafted, r.accepted):
+            model += s.pass_hops(k, context)
+            context += kept + 1
+        assert r.online_hops - prefill == model, (r.drafted, r.accepted)
+        assert 0 in r.drafted and max(r.drafted) > 0

@@ -37,13 +37,15 @@ from .layout import (from_qk_rows, merge_heads, pass_positions, positions, promp
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
            "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_output", "layer_weight_names", "narrow_plan",
-           "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights"]
+           "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights", "takes_fused", "step_hops", "EDGE_HOPS",
+           "ATTN8_MAX_KEYS"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
 # The 8-hop route's helper sends U masked permuted copies of the whole KV cache every decode step
 # (2·heads·keys·head_dim words per layer and lane): past this many keys a decode step takes the 12-hop
 # ops instead, so a long session's offline traffic per token stays bounded (docs/design.md §3.7).
 ATTN8_MAX_KEYS = 256
+EDGE_HOPS = 3 + 2 + 3  # per step besides the layers: embedding (one-hot, lift), final norm, token selection
 
 Value = Any  # np.ndarray, or None where a party holds no value
 
@@ -72,6 +74,24 @@ class StepShape:
         s.valid = valid_lengths(arch, T, past)
         s.emits, s.out = True, T
         return s
+
+
+def takes_fused(arch: Arch, route: str, layer: int, s: StepShape) -> bool:
+    """Whether decoder layer ``layer``'s attention in step ``s`` takes the fused 8-hop op (else the 12-hop ops).
+
+    The fused op reveals every score of its row: only a one-row step that attends to all keys takes it (a
+    prefill chunk or a verify pass has causal rows). Its keys are linear in the norm's output (the w-linear):
+    a QK-norm between them takes the 12-hop ops. Past :data:`ATTN8_MAX_KEYS` keys its offline copies of the
+    cache cost more than the 4 hops it saves.
+    """
+    return (route == "8" and s.T == 1 and not np.any(s.valid != s.past + s.T)
+            and not window_starts(arch, layer, s.valid).any() and not arch.qk_norm and s.past + s.T <= ATTN8_MAX_KEYS)
+
+
+def step_hops(arch: Arch, route: str, s: StepShape) -> int:
+    """The dependent online hops step ``s`` takes by the hop model: 8 per layer on the fused op, 12 on the
+    12-hop ops, and :data:`EDGE_HOPS` for the embedding, the final norm and token selection."""
+    return sum(8 if takes_fused(arch, route, i, s) else 12 for i in range(arch.layers)) + EDGE_HOPS
 
 
 def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list[tuple[str, str]]:
@@ -850,11 +870,7 @@ class PrivateOps:
         output, residual stream).
         """
         a, n = self.arch, f"L{i}"
-        if (self.p is None or self.p.config.attention_route != "8" or s.T != 1 or np.any(s.valid != s.past + s.T)
-                or window_starts(a, i, s.valid).any() or a.qk_norm or s.past + s.T > ATTN8_MAX_KEYS):
-            # The fused op reveals every score of its row: only a step that attends to all keys takes it. Its
-            # keys are linear in the norm's output (the w-linear): a QK-norm between them takes the 12-hop ops.
-            # Past ATTN8_MAX_KEYS keys its offline copies of the cache cost more than the 4 hops it saves.
+        if self.p is None or not takes_fused(a, self.p.config.attention_route, i, s):
             return await attention_block(self, a, i, x, s)
         one = np.array([1])  # a generic position: which columns RoPE mixes (public)
         mix = np.abs(rope(a, np.eye(a.head_dim), one, None if s.block is None else one, layer=i)) > 0

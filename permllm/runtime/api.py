@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from ..model import DEFAULT_MODEL, LoadedModel, load_model
+from ..model import DEFAULT_MODEL, LoadedModel, StepShape, load_model
+from ..model.forward import step_hops
 from ..model.loaders import load_tokenizer
 from ..net import Channel, HandshakeError, LinkEmulator, Meter, NetError, open_channel, tcp_connect
 from ..net.tls import check_pin
@@ -32,7 +33,7 @@ from .config import PartyConfig, load_config
 from .identity import received_fingerprint, share_terms
 from .mesh import Trio, gather_fail_fast, local_trio
 from .session import PREFILL_CHUNK, HelperSession, ModelSession, UserSession
-from .speculate import Speculator
+from .speculate import AdaptiveK, CostAwareK, Drafter, Speculator
 
 __all__ = ["Session", "GenerationResult", "local", "connect", "parse_addr", "encode_prompt"]
 
@@ -95,6 +96,19 @@ class Session:
     @property
     def arch(self) -> Any:
         return self._user.arch
+
+    def pass_hops(self, drafts: int, context: int) -> int:
+        """Dependent online hops of a verify pass with ``drafts`` drafts after ``context`` tokens (prompt and
+        emitted: all but the last in the KV cache), by the hop model (:func:`~permllm.model.forward.step_hops`);
+        a pass without drafts is a decode step. What :class:`~permllm.runtime.speculate.CostAwareK` weighs."""
+        a, past = self._user.arch, context - 1
+        return step_hops(a, self._user.p.config.attention_route, StepShape.verify(a, past, past, drafts + 1))
+
+    def speculator(self, drafter: Drafter, k: int = 0) -> Speculator:
+        """A speculator for this session: ``k`` drafts a pass, or (0) as many as :class:`CostAwareK` finds worth
+        this session's hops."""
+        policy = AdaptiveK.fixed(k) if k else CostAwareK(self.pass_hops)
+        return Speculator(drafter, policy, self._user.arch.eos_ids)
 
     @property
     def error(self) -> BaseException | None:

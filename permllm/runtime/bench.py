@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..net import LinkEmulator
+from ..model.forward import EDGE_HOPS
 from ..protocols import Sampler, ShareConfig, ring, select_token, setup_weight
 from ..protocols.config import RING_BITS
 from .mesh import DealtInput, local_trio, run_offline, run_offline_batch, run_online, run_setup
@@ -36,7 +37,6 @@ from .profile import enable, op_kind
 
 __all__ = ["KEYS", "TEXT", "TTFT_REPS", "prompt_ids", "bench_smollm2", "bench_model", "bench_chatglm_layer"]
 
-EDGE_HOPS = 3 + 2 + 3  # per token besides the layers: embedding (one-hot, lift), final norm, token selection
 KEYS = ("online_ms_per_token", "plaintext_ms_per_token", "offline_ms_per_token", "hops_per_layer",
         "hops_per_token", "online_bytes_per_token", "offline_bytes_per_token", "setup_bytes", "ttft_ms",
         "plaintext_ttft_ms")

@@ -13,7 +13,8 @@ passes per generated token that speculation reduces.
   copies, extraction, edits) or :class:`DraftModel` (a small public model with the same
   tokenizer, greedy, run by U with its own KV cache).
 * :func:`accept` — the acceptance rule; exact for greedy and for sampling (its docstring).
-* :class:`AdaptiveK` — how many drafts the next pass verifies, from recent acceptance.
+* :class:`AdaptiveK` — how many drafts the next pass verifies, from recent acceptance;
+  :class:`CostAwareK` also weighs what a pass costs with and without drafts (its hops).
 * :class:`Speculator` and :func:`speculative_generate` — U's loop around a verify pass;
   :class:`GreedyVerifier` is the plaintext stand-in for the private pass (tests, benchmarks).
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-__all__ = ["Drafter", "PromptLookup", "DraftModel", "accept", "AdaptiveK", "SpecStats", "Speculator",
+__all__ = ["Drafter", "PromptLookup", "DraftModel", "make_drafter", "accept", "AdaptiveK", "CostAwareK", "SpecStats", "Speculator",
            "speculative_generate", "GreedyVerifier", "Verify"]
 
 Verify = Callable[[list[int], list[int]], list[int]]  # (context, K drafts) -> the K + 1 chosen tokens
@@ -158,6 +159,20 @@ class DraftModel(Drafter):
         return out
 
 
+def make_drafter(mode: str, draft: "str | Path | None" = None) -> Drafter | None:
+    """The drafter a user's ``speculate`` setting names: None for "off", :class:`PromptLookup` for
+    "prompt-lookup", a :class:`DraftModel` of ``draft`` for "draft"."""
+    if mode == "off":
+        return None
+    if mode == "prompt-lookup":
+        return PromptLookup()
+    if mode != "draft":
+        raise ValueError(f"speculate must be off, prompt-lookup or draft, got {mode!r}")
+    if not draft:
+        raise ValueError("speculate = 'draft' needs a draft model (a named model or an HF directory)")
+    return DraftModel(draft)
+
+
 def accept(drafts: list[int], chosen: list[int]) -> tuple[int, list[int]]:
     """How many of the K ``drafts`` the pass accepted, and the tokens to emit.
 
@@ -194,8 +209,9 @@ class AdaptiveK:
     drafts, 0 < n < K, asks for n + 1 next; a pass that accepted none halves K (down to ``k_min``). At
     K = 0 the pass is a plain decode step, and the :class:`Speculator` still drafts one token in hindsight
     (U's own plaintext work) and reports whether it would have been accepted, so that K comes back when
-    the text turns predictable. Every extra verified position costs compute and bytes (not hops), so an
-    open question, where drafts rarely match, settles near K = 0 and costs about what decoding costs.
+    the text turns predictable. Every extra verified position costs compute and bytes, and on the 8-hop
+    route a pass with drafts takes the 12-hop ops (:class:`CostAwareK` weighs that); an open question,
+    where drafts rarely match, settles near K = 0.
     ``AdaptiveK.fixed(k)`` always asks for k.
     """
 
@@ -209,10 +225,13 @@ class AdaptiveK:
         """A policy that always asks for ``k`` drafts."""
         return cls(k, k, k)
 
+    def choose(self, keys: int) -> int:
+        """K for the next pass, after ``keys`` tokens of context (this policy: :attr:`k`, whatever ``keys``)."""
+        return self.k
+
     def update(self, drafted: int, accepted: int) -> None:
         """Adapt K after a pass that verified ``drafted`` drafts (or a hindsight draft) and accepted ``accepted``."""
-        if not 0 <= accepted <= drafted:
-            raise ValueError(f"accepted {accepted} of {drafted} drafts")
+        _check(drafted, accepted)
         if drafted == 0:  # the drafter had nothing: nothing learnt
             return
         if accepted == drafted:
@@ -222,6 +241,57 @@ class AdaptiveK:
         else:
             k = self.k // 2
         self.k = max(self.k_min, min(self.k_max, k))
+
+
+def _check(drafted: int, accepted: int) -> None:
+    if not 0 <= accepted <= drafted:
+        raise ValueError(f"accepted {accepted} of {drafted} drafts")
+
+
+class CostAwareK(AdaptiveK):
+    """K that maximises the expected tokens per unit of cost, for a pass whose cost depends on K.
+
+    On the 8-hop route a pass without drafts is a decode step on the fused op (8 hops a layer) while a
+    pass with drafts has causal rows and takes the 12-hop ops: drafting pays only when enough drafts are
+    accepted. The policy models each draft as accepted with probability a once the ones before it were;
+    a pass with K drafts then emits E(K) = 1 + a + … + a^K tokens. a is estimated from recent passes
+    (accepted drafts as successes, a rejection as a failure; both discounted by ``decay`` per pass,
+    starting from one of each), and :meth:`choose` takes the K ≤ ``k_max`` with the largest
+    E(K) / (cost(K, keys) + ``row_cost``·K), where ``cost(K, keys)`` is the pass's cost after ``keys``
+    tokens (e.g. :meth:`~permllm.runtime.api.Session.pass_hops`) and ``row_cost`` the price of a verified
+    row (compute and bytes) in the same unit. At K = 0 the :class:`Speculator` still drafts one token in
+    hindsight, so a rises again when the text turns predictable.
+    """
+
+    def __init__(self, cost: Callable[[int, int], float], k_max: int = 8, decay: float = 0.7,
+                 row_cost: float = 2.0) -> None:
+        super().__init__(k_max, 0, 0)
+        if not 0 < decay <= 1 or row_cost < 0:
+            raise ValueError(f"need 0 < decay <= 1 and row_cost >= 0, got {decay}, {row_cost}")
+        self.cost, self.decay, self.row_cost = cost, decay, row_cost
+        self.hits, self.misses = 1.0, 1.0
+
+    @property
+    def acceptance(self) -> float:
+        """The estimated probability a that a draft is accepted once the drafts before it were."""
+        return self.hits / (self.hits + self.misses)
+
+    def choose(self, keys: int) -> int:
+        """The K ≤ ``k_max`` with the most expected tokens per cost after ``keys`` tokens (the smallest on a tie)."""
+        a = self.acceptance
+
+        def value(k: int) -> float:
+            return sum(a ** i for i in range(k + 1)) / (self.cost(k, keys) + self.row_cost * k)
+        self.k = max(range(self.k_max + 1), key=lambda k: (value(k), -k))
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        """Count a pass that verified ``drafted`` drafts (or a hindsight draft) and accepted ``accepted``."""
+        _check(drafted, accepted)
+        if drafted == 0:
+            return
+        self.hits = self.decay * self.hits + accepted
+        self.misses = self.decay * self.misses + (accepted < drafted)
 
 
 @dataclass
@@ -249,10 +319,11 @@ class Speculator:
     def propose(self, context: list[int], limit: int) -> list[int]:
         """The drafts to verify after ``context`` in the next pass: at most :attr:`AdaptiveK.k` and ``limit``
         (the tokens the generation may still emit, less the one every pass emits), and none from an end id on."""
-        k = min(self.policy.k, limit)
+        want = self.policy.choose(len(context))
+        k = min(want, limit)
         self._hindsight = []
         if k <= 0:
-            if self.policy.k == 0 and limit > 0:
+            if want == 0 and limit > 0:
                 self._hindsight = self.drafter.draft(context, 1)[:1]
             return []
         drafts = [int(t) for t in self.drafter.draft(context, k)[:k]]
