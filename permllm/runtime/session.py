@@ -276,18 +276,48 @@ class _Party:
         return None if got is None else got[0]
 
     async def verify(self, phase: str, g: _Gen, sp: _Passes, ids: list[int] | None = None,
-                     rngs: list[Uniform] | None = None, sampler: Sampler | None = None) -> list[int] | None:
-        """The current verify pass of ``sp`` in ``phase``: at U online, the tokens chosen at its K + 1 rows."""
+                     rngs: list[Uniform] | None = None, sampler: Sampler | None = None,
+                     gate: Callable[[int], Awaitable[None]] | None = None) -> list[int] | None:
+        """The current verify pass of ``sp`` in ``phase``: at U online, the tokens chosen at its K + 1 rows.
+        ``gate``: awaited before each layer (:meth:`PrivateOps.gate`)."""
         shape = sp.shape(self.arch)  # type: ignore[arg-type]
         return await self._forward(phase, g, sp.step, shape, ids, rngs or [None] * shape.T,  # type: ignore[list-item]
-                                   sampler or Sampler())
+                                   sampler or Sampler(), gate)
+
+    async def overlapped(self, g: _Gen, sp: _Passes, ids: list[int] | None = None,
+                         rngs: list[Uniform] | None = None, sampler: Sampler | None = None) -> list[int] | None:
+        """The current verify pass with its offline phase (just in time: the pass's shape is known only now)
+        running alongside its online phase, which enters each layer once the offline phase has done it: the
+        offline work hides in the online phase's waits for the peer (M and U; the helper only deals). Returns
+        what :meth:`verify` online does; the offline seconds count in :attr:`offline_s`."""
+        pace, step = _Pace(self.arch.layers), sp.step  # type: ignore[union-attr]
+
+        async def offline() -> None:
+            t0 = time.perf_counter()
+            await self.verify("offline", g, sp, gate=lambda layer: _passed(pace, step, layer))
+            pace.passed_offline(step, self.arch.layers + 1)  # type: ignore[union-attr]
+            self.offline_s += time.perf_counter() - t0
+
+        off = asyncio.create_task(offline())
+        try:
+            async def online(layer: int) -> None:
+                await _first(pace.online_may_enter(step, layer), off)
+            await online(-1)  # the embedding
+            got = await self.verify("online", g, sp, ids, rngs, sampler, gate=online)
+            await off
+            return got
+        finally:
+            await _cancel(off)
 
     async def _forward(self, phase: str, g: _Gen, step: int, shape: StepShape, ids: list[int] | None,
-                       rngs: list[Uniform | None], sampler: Sampler) -> list[int | None] | None:
+                       rngs: list[Uniform | None], sampler: Sampler,
+                       gate: Callable[[int], Awaitable[None]] | None = None) -> list[int | None] | None:
         """The forward of ``step`` and private selection at each row with logits (a pass's concurrently,
         ``select/i``: still three hops); None for a chunk of the prompt before its last."""
         pv, ops = self.ops(phase, g.base + step, g.index)
-        if g.paced(step):
+        if gate is not None:
+            ops.pace = gate
+        elif g.paced(step):
             ops.pace = self._gate(phase, g, step)
         logits = await Forward(self.arch).step(ops, ids, shape)  # type: ignore[arg-type]
         if not shape.emits:
@@ -578,9 +608,13 @@ class ModelSession(_Party):
         sp = _Passes(g)
         while sp.advance(ctl):
             self.rollback(g, sp.past)
-            await self.verify("offline", g, sp)
-            await self.verify("online", g, sp)
+            await self.overlapped(g, sp)
             ctl = await self.p.view("online", g.base + sp.step).recv(Role.USER, ("ctl", g.index, sp.step))
+
+
+async def _passed(pace: _Pace, step: int, layer: int) -> None:
+    """An overlapped pass's offline gate: everything before ``layer`` is done (:meth:`_Party.overlapped`)."""
+    pace.passed_offline(step, layer)
 
 
 async def _first(wait: object, task: asyncio.Task) -> None:
@@ -715,7 +749,8 @@ class UserSession(_Party):
         memory holds all of it); otherwise it runs ahead by a window.
 
         With ``speculate`` every step after the prompt's is a verify pass of the speculator's drafts
-        (:class:`_Passes`; its offline phase just in time): the same tokens (greedy, or sampling with a
+        (:class:`_Passes`; its offline phase just in time, alongside its online phase, :meth:`overlapped`, or
+        with ``offline_first`` before it): the same tokens (greedy, or sampling with a
         seed: the k-th token takes the k-th draw of the rng either way), in fewer dependent hops when
         the drafts are accepted. M and H learn K and the accepted count of every pass.
         """
@@ -789,17 +824,21 @@ class UserSession(_Party):
                 sp.advance(ctl)
                 step = sp.step
                 self.rollback(g, sp.past)
-                t1 = time.perf_counter()
-                await self.verify("offline", g, sp)
-                dealt = time.perf_counter() - t1
-                chosen = await self.verify("online", g, sp, [ctx[-1]] + drafts,
-                                           [draws.at(sp.emitted + i) for i in range(sp.k + 1)], sampler)
+                rows, rngs = [ctx[-1]] + drafts, [draws.at(sp.emitted + i) for i in range(sp.k + 1)]
+                dealt = 0.0  # offline seconds before the online phase (offline_first: all of them)
+                if offline_first:  # the pass's offline phase first: its online time is measurable alone
+                    t1 = time.perf_counter()
+                    await self.verify("offline", g, sp)
+                    dealt = time.perf_counter() - t1
+                    self.offline_s += dealt
+                    chosen = await self.verify("online", g, sp, rows, rngs, sampler)
+                else:
+                    chosen = await self.overlapped(g, sp, rows, rngs, sampler)
                 emit = speculate.settle(drafts, chosen)  # type: ignore[arg-type]
                 keep = len(emit) - 1
                 stop = {"go": False, "keep": keep, "next": 0}
                 self.last_drafted.append(len(drafts))
                 self.last_accepted.append(keep)
-                self.offline_s += dealt
                 each = (time.perf_counter() - t0) / len(emit)
                 for i, tok in enumerate(emit):
                     ctx.append(tok)
