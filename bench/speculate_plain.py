@@ -28,27 +28,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from permllm.model.loaders import smollm2_dir  # noqa: E402
 from permllm.runtime.api import encode_prompt  # noqa: E402
+from permllm.runtime.spec_bench import PROMPTS  # noqa: E402
 from permllm.runtime.speculate import (AdaptiveK, Drafter, DraftModel, GreedyVerifier, PromptLookup,  # noqa: E402
                                        Speculator, speculative_generate)
 
-PROMPTS = {
-    "copy": [
-        "Repeat the following text exactly: The committee will meet on Tuesday at ten o'clock in the main hall "
-        "to discuss the budget for next year and the plans for the new library.",
-        "Fix the typo in: The weather was beautifull yesterday, so we walked along the river and had lunch in "
-        "the park near the old bridge.",
-        "List the items in this sentence: For the trip I packed a tent, a sleeping bag, two flashlights, a water "
-        "filter, a map and a first aid kit.",
-        "Rewrite this sentence in the past tense: Every morning she opens the shop, waters the plants, counts "
-        "the money in the till and waits for the first customer.",
-    ],
-    "open": [
-        "What is the capital of France?",
-        "Write a short story about a robot who learns to paint.",
-        "Why is the sky blue?",
-        "Give me three tips for learning a new language.",
-    ],
-}
 POLICIES = {"2": lambda: AdaptiveK.fixed(2), "4": lambda: AdaptiveK.fixed(4), "8": lambda: AdaptiveK.fixed(8),
             "adaptive": lambda: AdaptiveK(k_max=8)}
 

@@ -80,7 +80,7 @@ async def _generate(args: argparse.Namespace) -> int:
         if args.ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         chunk = {} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}
-        spec = _speculator(args, session.arch.eos_ids)
+        spec = _speculator(cfg.values, session)
         async for piece in session.generate(prompt, args.max_new_tokens, chat=not args.raw, sampler=sampler,
                                             speculate=spec, **chunk):
             if not args.json:
@@ -101,27 +101,12 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draft_tokens(v: str) -> int:
-    """--draft-tokens: a number of drafts >= 0, or auto (0: adaptive)."""
-    if v == "auto":
-        return 0
-    if not v.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {v!r}")
-    return int(v)
+def _speculator(values: dict[str, Any], session: Any) -> Any:
+    """The user's speculator from the speculate, draft_tokens and draft settings (None: off)."""
+    from .runtime.speculate import make_drafter
 
-
-def _speculator(args: argparse.Namespace, eos_ids: Any) -> Any:
-    """The user's speculator from --speculate, --draft-tokens and --draft (None: off)."""
-    if args.speculate == "off":
-        return None
-    from .runtime.speculate import AdaptiveK, DraftModel, PromptLookup, Speculator
-
-    policy = AdaptiveK.fixed(args.draft_tokens) if args.draft_tokens else AdaptiveK()
-    if args.speculate == "draft":
-        if not args.draft:
-            raise SystemExit("permllm generate: --speculate draft needs --draft MODEL (same tokenizer)")
-        return Speculator(DraftModel(args.draft), policy, eos_ids)
-    return Speculator(PromptLookup(), policy, eos_ids)
+    drafter = make_drafter(values["speculate"], values["draft"])
+    return None if drafter is None else session.speculator(drafter, values["draft_tokens"])
 
 
 def _tokenizer_source(model: str, ids: bool) -> str | None:
@@ -210,9 +195,50 @@ def _scaling(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rtts(text: str) -> float | list[float]:
+    """``--rtt``: one round-trip time (ms), or a comma-separated list of them (the speculation bench)."""
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or a comma-separated list of them, got {text!r}") \
+            from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected round-trip times >= 0, got {text!r}")
+    return vals if "," in text else vals[0]
+
+
+async def _bench_speculate(args: argparse.Namespace) -> int:
+    """``permllm bench MODEL --speculate …``: decoding vs speculative decoding at each RTT, same run."""
+    from .runtime.spec_bench import bench_speculate, format_speculate
+
+    from .runtime.config import SPECULATE_KEYS, flag_values
+    from .runtime.speculate import make_drafter
+
+    if args.target not in ("smollm2", "gemma3-270m") or isinstance(args.prompt_len, list):
+        raise SystemExit("permllm bench: --speculate goes with smollm2 or gemma3-270m and no list of prompt lengths")
+    if not 1 <= args.prompts <= 4:
+        raise SystemExit("permllm bench: --prompts is 1 to 4")
+    v = flag_values("user", args, SPECULATE_KEYS)
+
+    def progress(row: dict[str, Any]) -> None:
+        print(f"RTT {row['rtt_ms']:g} ms, {row['kind']}: hops/token {row['decode']['hops_per_token']:.0f} -> "
+              f"{row['speculate']['hops_per_token']:.0f}, online s/token {row['decode']['online_s_per_token']:.3f} "
+              f"-> {row['speculate']['online_s_per_token']:.3f} ({row['bench_s']:.0f} s)", file=sys.stderr, flush=True)
+    rtts = args.rtt if isinstance(args.rtt, list) else [args.rtt]
+    r = await bench_speculate(args.target, lambda: make_drafter(v["speculate"], v["draft"]), v["draft_tokens"], rtts,
+                              args.bandwidth,
+                              args.tokens, args.prompts, args.transport, _config(args), progress)
+    print(json.dumps(r) if args.json else format_speculate(r))
+    return 0
+
+
 async def _bench(args: argparse.Namespace) -> int:
     from .runtime.bench import KEYS, bench_chatglm_layer, bench_model
 
+    if args.cfg_speculate not in (None, "off"):
+        return await _bench_speculate(args)
+    if isinstance(args.rtt, list):
+        raise SystemExit("permllm bench: a list of round-trip times goes with --speculate")
     if isinstance(args.prompt_len, list):
         return await asyncio.to_thread(_scaling, args)
     if args.plot:
@@ -279,11 +305,10 @@ def _share_args(p: argparse.ArgumentParser) -> None:
                    help="share arithmetic: ring (exact on Z_2^64, perfect hiding), float (real numbers), auto")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``permllm`` console script."""
-    from .runtime.config import add_flags, dtype_arg, keys_help
+def _parser() -> argparse.ArgumentParser:
+    """The ``permllm`` command line: every subcommand and its flags."""
+    from .runtime.config import SPECULATE_KEYS, add_flags, add_key_flags, dtype_arg, keys_help
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="permllm", description="Private LLM inference (PermLLM).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -301,13 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="prompt tokens per prefill step (default 256; 0: the whole prompt in one step): each "
                         "party then holds a few layers of one chunk's correlations, whatever the prompt length")
-    g.add_argument("--speculate", choices=["off", "prompt-lookup", "draft"], default="off",
-                   help="speculative decoding: the user drafts tokens (copies from the context, or a small public "
-                        "draft model) and one private pass verifies them; the same tokens in fewer hops")
-    g.add_argument("--draft-tokens", type=_draft_tokens, default=0, metavar="K",
-                   help="drafts per verify pass (0 or auto: adapted to the acceptance)")
-    g.add_argument("--draft", metavar="MODEL", default=None,
-                   help="the draft model (a named model or an HF directory) for --speculate draft")
     g.add_argument("--transport", choices=["memory", "tcp"], default="memory",
                    help="links between the embedded parties")
     g.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
@@ -359,9 +377,13 @@ def main(argv: list[str] | None = None) -> int:
                         "length, time to first token, prefill traffic and each party's peak memory")
     b.add_argument("--plot", metavar="PATH.png", default=None,
                    help="with a list of prompt lengths: write the scaling chart there")
-    b.add_argument("--rtt", type=float, default=0.0, help="emulated round-trip time per link, ms")
+    b.add_argument("--rtt", type=_rtts, default=0.0, metavar="MS[,MS...]",
+                   help="emulated round-trip time per link, ms (a comma-separated list with --speculate)")
     b.add_argument("--bandwidth", type=float, default=None, help="emulated bandwidth per link, Mbit/s")
     b.add_argument("--transport", choices=["memory", "tcp"], default="tcp")
+    add_key_flags(b, SPECULATE_KEYS)
+    b.add_argument("--prompts", type=int, default=2, metavar="N",
+                   help="with --speculate: the first N prompts of each kind (copying tasks, open questions; 4 each)")
     _share_args(b)
     b.set_defaults(fn=lambda a: asyncio.run(_bench(a)))
 
@@ -376,8 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--bandwidth", type=float, default=None)
     _share_args(pr)
     pr.set_defaults(fn=lambda a: asyncio.run(_profile(a)))
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``permllm`` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = _parser().parse_args(argv)
     logging.basicConfig(level="WARNING", stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

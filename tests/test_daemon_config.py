@@ -39,12 +39,33 @@ def test_file_then_flags(tmp_path):
                                     r"inputs \(an audit identified 32 of 32 token ids exactly"),
     ('[tls.pins]\nmodel = "md5:1"', "user", r"tls.pins must map model/helper/user to 'sha256:<64 hex digits>'"),
     ('listen = ', "model", r"is not valid TOML"),
+    ('speculate = "guess"', "user", r"speculate must be one of off, prompt-lookup, draft, got 'guess'"),
+    ('speculate = "draft"', "user", r"speculate = 'draft' needs draft: a model with the same tokenizer"),
+    ('speculate = "prompt-lookup"\noffline = "he"', "user", r"needs the dealt offline phase: offline = 'he'"),
+    ('draft_tokens = -1', "user", r"draft_tokens must be 0 \(adaptive\) or more"),
+    ('speculate = "prompt-lookup"', "model", r"key 'speculate' does not apply to the model party"),
 ])
 def test_file_errors_name_the_key(tmp_path, text, role, error):
     conf = tmp_path / "p.toml"
     conf.write_text(text)
     with pytest.raises(ConfigError, match=error):
         load_config(role, conf)
+
+
+def test_speculation_settings(tmp_path):
+    """A user's file sets speculative decoding; the flags override it (--draft-tokens auto: 0, adaptive)."""
+    from permllm.cli import _parser
+    from permllm.runtime.config import from_args
+
+    conf = tmp_path / "user.toml"
+    conf.write_text('speculate = "draft"\ndraft = "smollm2"\ndraft_tokens = 4\n')
+    cfg = load_config("user", conf)
+    assert (cfg["speculate"], cfg["draft"], cfg["draft_tokens"]) == ("draft", "smollm2", 4)
+    args = _parser().parse_args(["generate", "hi", "--config", str(conf), "--speculate", "prompt-lookup",
+                                 "--draft-tokens", "auto"])
+    cfg = from_args("user", args)
+    assert (cfg["speculate"], cfg["draft_tokens"]) == ("prompt-lookup", 0)
+    assert load_config("user")["speculate"] == "off"
 
 
 def test_flag_for_another_party_is_refused():

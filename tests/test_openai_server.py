@@ -290,6 +290,26 @@ async def test_unreachable_parties_answer_503(dep, tmp_path):
     assert "Traceback" not in user.text()
 
 
+async def test_a_speculating_user_daemon_gives_the_same_completions(dep, want, tmp_path):
+    """speculate = "prompt-lookup" in the user's configuration file: verify passes, the same text."""
+    conf = tmp_path / "user.toml"
+    conf.write_text('speculate = "prompt-lookup"\ndraft_tokens = 3\n')
+    user = Proc(["serve", "user", "--config", str(conf), "--listen", "127.0.0.1:0", "--model-party", dep.model.addr,
+                 "--helper", dep.helper.addr, "--model", str(dep.tiny), *tls_flags(dep.keys, "user"),
+                 "--message-timeout", "30"], tmp_path / "user.log")
+    try:
+        c = openai.AsyncOpenAI(base_url=f"http://{user.addr}/v1", api_key="any", max_retries=0, timeout=120)
+        async with c:
+            r = await c.completions.create(model="tiny", prompt=RAW, max_tokens=N, temperature=0)
+            assert r.choices[0].text == want[RAW]
+            r = await c.chat.completions.create(model="tiny", messages=chat(CHAT[0]), max_tokens=N, temperature=0)
+            assert r.choices[0].message.content == want[CHAT[0]]
+    finally:
+        assert user.terminate() == 0
+    passes = [int(n) for n in re.findall(r"(\d+) verify passes", user.text())]
+    assert len(passes) == 2 and all(1 <= n <= N - 1 for n in passes), user.text()[-2000:]
+
+
 def test_logs_hold_no_prompt_or_text(dep, want):
     log = dep.user.text()
     assert "Traceback" not in log and "Task exception was never retrieved" not in log

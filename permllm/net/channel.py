@@ -204,6 +204,11 @@ class Channel:
         self._pending += 1
         self._wake.set()
 
+    def emulate(self, link: LinkEmulator | None) -> None:
+        """Emulate ``link`` (delay, bandwidth) on this direction from now on (None: send at once); frames
+        already queued keep their schedule. Benchmarks change a session's network between runs this way."""
+        self._link = link
+
     async def recv(self, tag: Tag, *, timeout: float | None = None) -> Any:
         """Wait for the message with this exact tag, remove it from the mailbox and return its payload.
 

@@ -27,16 +27,17 @@ import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..net.tls import client_context, server_context
 from ..protocols import DEFAULT_RATIO, ShareConfig
 from ..protocols.config import ARITHS, DTYPES, OFFLINE_MODES, ROUTE_CHOICES, check_dtype
 
-__all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "from_args", "keys_help",
-           "dtype_arg"]
+__all__ = ["ConfigError", "Key", "KEYS", "PartyConfig", "load_config", "add_flags", "add_key_flags", "flag_values",
+           "from_args", "keys_help", "dtype_arg", "SPECULATE_MODES", "SPECULATE_KEYS"]
 
 MODEL, HELPER, USER = "model", "helper", "user"
+SPECULATE_MODES = ("off", "prompt-lookup", "draft")
 DAEMONS = frozenset({MODEL, HELPER})
 ALL = frozenset({MODEL, HELPER, USER})
 
@@ -59,6 +60,8 @@ class Key:
     metavar: str = ""
     serve: bool = False  # a daemon's setting: the user party has it in ``permllm serve user`` only
     user_default: Any = None  # the user party's default where it differs (``serve`` keys)
+    choices: tuple[str, ...] = ()  # the values a str key takes (checked in files and flags)
+    parse: Callable[[str], Any] | None = None  # the flag's parser, where it takes more than the type does
 
     def default_for(self, role: str) -> Any:
         """The built-in default of this key for ``role``."""
@@ -93,6 +96,15 @@ KEYS: tuple[Key, ...] = (
         "fixed point on Z_2^64 (perfect hiding; the dealt mode), 'float' real numbers (statistical "
         "hiding); 'auto' takes the ring where the model fits it at float-like precision; all three parties must "
         "agree", metavar="ARITH"),
+    Key("speculate", str, "off", "--speculate", frozenset({USER}), "speculative decoding: the user drafts tokens "
+        "(prompt-lookup: copies from the context; draft: a small public model with the same tokenizer) and one "
+        "private pass verifies them; the same tokens in fewer hops (the dealt mode only)", metavar="MODE",
+        choices=SPECULATE_MODES),
+    Key("draft_tokens", int, 0, "--draft-tokens", frozenset({USER}), "drafts per verify pass (0, or auto on the "
+        "command line: as many as the recent acceptance makes worth a pass's hops)", metavar="K",
+        parse=lambda v: _draft_tokens(v)),
+    Key("draft", str, None, "--draft", frozenset({USER}), "the draft model for speculate = 'draft' (a named model "
+        "or a local Hugging Face directory)", metavar="MODEL"),
     Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),
         "accept only the model with this fingerprint (the model daemon logs its own at start-up)", metavar="HEX"),
     Key("insecure", bool, False, "--insecure", ALL,
@@ -130,6 +142,7 @@ KEYS: tuple[Key, ...] = (
         serve=True),
 )
 _BY_NAME = {k.name: k for k in KEYS}
+SPECULATE_KEYS = ("speculate", "draft_tokens", "draft")
 
 
 @dataclass
@@ -187,6 +200,10 @@ def _check(key: Key, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: arith must be one of {', '.join(ARITHS)}, got {value!r}")
     if key.name == "offline" and value not in OFFLINE_MODES:
         raise ConfigError(f"{where}: offline must be one of {', '.join(OFFLINE_MODES)}, got {value!r}")
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{where}: {key.name} must be one of {', '.join(key.choices)}, got {value!r}")
+    if key.name == "draft_tokens" and value < 0:
+        raise ConfigError(f"{where}: draft_tokens must be 0 (adaptive) or more, got {value!r}")
     if key.name == "log_level" and str(value).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: log_level must be DEBUG, INFO, WARNING or ERROR, got {value!r}")
     if key.name == "tls.pins":
@@ -243,6 +260,13 @@ def load_config(role: str, path: str | Path | None = None, overrides: Mapping[st
             raise ConfigError(f"{key.flag} does not apply to the {role} party "
                               f"(it is for {', '.join(sorted(key.roles))})")
         values[name] = _check(key, value, "command line")
+    mode = values.get("speculate", "off")
+    if mode != "off" and values.get("offline") == "he":
+        raise ConfigError(f"speculate = {mode!r} needs the dealt offline phase: offline = 'he' (the light client) has "
+                          f"no verify passes ({source} and the command line)")
+    if mode == "draft" and not values.get("draft"):
+        raise ConfigError(f"speculate = 'draft' needs draft: a model with the same tokenizer ({source} and the command "
+                          "line)")
     return PartyConfig(role, values, source)
 
 
@@ -258,20 +282,45 @@ def add_flags(parser: argparse.ArgumentParser, roles: frozenset[str], serve: boo
     ``serve=False`` (``permllm generate``) leaves out the daemons' settings."""
     parser.add_argument("--config", metavar="FILE", help="TOML configuration file (keys below)")
     for k in KEYS:
-        if not (k.roles & roles) or (k.serve and not serve):
-            continue
-        dest = k.dest
-        if k.type is bool:
-            parser.add_argument(k.flag, dest=dest, action="store_const", const=True, default=None, help=k.help)
-        elif k.type is dict:
-            parser.add_argument(k.flag, dest=dest, action="append", type=_pin, default=None, metavar="ROLE=SHA256",
-                                help=k.help)
-        else:
-            parser.add_argument(k.flag, dest=dest, type=dtype_arg if k.name == "dtype" else k.type, default=None,
-                                metavar=k.metavar or k.type.__name__.upper(),
-                                choices={"route": list(ROUTE_CHOICES), "offline": list(OFFLINE_MODES),
-                                         "arith": list(ARITHS)}.get(k.name),
-                                help=k.help)
+        if (k.roles & roles) and not (k.serve and not serve):
+            _add_flag(parser, k)
+
+
+def add_key_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """Add the flags of the keys ``names`` alone (a command without configuration files, e.g. ``permllm bench``);
+    :func:`flag_values` reads them."""
+    for n in names:
+        _add_flag(parser, _BY_NAME[n])
+
+
+def flag_values(role: str, args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the keys ``names`` for ``role`` from the flags :func:`add_key_flags` added (else the defaults)."""
+    cfg = load_config(role, None, {n: getattr(args, _BY_NAME[n].dest, None) for n in names})
+    return {n: cfg[n] for n in names}
+
+
+def _add_flag(parser: argparse.ArgumentParser, k: Key) -> None:
+    dest = k.dest
+    if k.type is bool:
+        parser.add_argument(k.flag, dest=dest, action="store_const", const=True, default=None, help=k.help)
+    elif k.type is dict:
+        parser.add_argument(k.flag, dest=dest, action="append", type=_pin, default=None, metavar="ROLE=SHA256",
+                            help=k.help)
+    else:
+        parser.add_argument(k.flag, dest=dest, type=k.parse or (dtype_arg if k.name == "dtype" else k.type),
+                            default=None, metavar=k.metavar or k.type.__name__.upper(),
+                            choices={"route": list(ROUTE_CHOICES), "offline": list(OFFLINE_MODES),
+                                     "arith": list(ARITHS)}.get(k.name, list(k.choices) or None),
+                            help=k.help)
+
+
+def _draft_tokens(v: str) -> int:
+    """The --draft-tokens flag: a number of drafts >= 0, or auto (0: adaptive)."""
+    if v == "auto":
+        return 0
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {v!r}")
+    return int(v)
 
 
 def dtype_arg(value: str) -> str:

@@ -38,6 +38,12 @@ class Trio:
     def parties(self) -> tuple[Party, Party, Party]:
         return (self.model, self.user, self.helper)
 
+    def emulate(self, link: LinkEmulator | None) -> None:
+        """Emulate ``link`` on every direction of every link from now on (each direction its own copy)."""
+        for p in self.parties:
+            for ch in p.channels.values():
+                ch.emulate(_copy(link))
+
     async def close(self) -> None:
         for p in self.parties:
             for ch in p.channels.values():

@@ -45,6 +45,7 @@ from ..protocols.sampling import Sampler
 from .api import Session, connect, encode_prompt, parse_addr
 from .config import PartyConfig
 from .session import ContextTooLong, check_context
+from .speculate import Drafter, Speculator, make_drafter
 
 __all__ = ["UserDaemon", "ApiError"]
 
@@ -269,6 +270,8 @@ class _Outcome:
     finish: str = "length"
     gone: bool = False
     error: Exception | None = None  # the session failed
+    passes: int | None = None  # speculation: verify passes, and drafts accepted
+    accepted: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
     def usage(self) -> dict[str, int]:
@@ -277,12 +280,14 @@ class _Outcome:
 
 
 async def _pieces(session: Session, ids: list[int], max_new: int, req: _Request, gone: Callable[[], bool],
-                  out: _Outcome) -> AsyncIterator[str]:
+                  out: _Outcome, speculate: Speculator | None = None) -> AsyncIterator[str]:
     """The completion's text piece by piece, cut at a stop sequence; stops the generation early (at
-    all three parties) at a stop sequence or when the client has left."""
+    all three parties) at a stop sequence or when the client has left. ``speculate``: verify passes of
+    its drafts (the same tokens)."""
     stops = _StopText(req.stop)
     try:
-        async with contextlib.aclosing(session.generate(ids, max_new, sampler=req.sampler)) as gen:
+        async with contextlib.aclosing(session.generate(ids, max_new, sampler=req.sampler,
+                                                        speculate=speculate)) as gen:
             async for piece in gen:
                 text = stops.feed(piece)
                 if text:
@@ -299,6 +304,8 @@ async def _pieces(session: Session, ids: list[int], max_new: int, req: _Request,
     finally:  # also when the caller closes this generator (the client left during a stream)
         got = session.last.token_ids
         out.completion_tokens = len(got)
+        if session.last.speculative:
+            out.passes, out.accepted = session.last.passes, sum(session.last.accepted)
         eos = bool(got) and got[-1] in session.arch.eos_ids
         out.finish = "stop" if stops.hit or eos else "length"
 
@@ -311,6 +318,7 @@ class _Slot:
 
     index: int
     session: Session | None = None
+    drafter: Drafter | None = None  # the user's drafter (speculate), one per session: a draft model's cache
 
 
 class _Pool:
@@ -319,7 +327,7 @@ class _Pool:
     def __init__(self, cfg: PartyConfig, size: int) -> None:
         self.cfg = cfg
         self.free: asyncio.Queue[_Slot] = asyncio.Queue()
-        self.slots = [_Slot(i) for i in range(size)]
+        self.slots = [_Slot(i, drafter=make_drafter(cfg["speculate"], cfg["draft"])) for i in range(size)]
         for s in self.slots:
             self.free.put_nowait(s)
         self.arch: Any = None
@@ -475,7 +483,8 @@ class UserDaemon:
             if _gone(request):  # it left while waiting for a session
                 return web.Response(status=499)
             out = _Outcome(len(ids))
-            pieces = _pieces(session, ids, max_new, req, lambda: _gone(request), out)
+            spec = None if slot.drafter is None else session.speculator(slot.drafter, self.cfg["draft_tokens"])
+            pieces = _pieces(session, ids, max_new, req, lambda: _gone(request), out, spec)
             try:
                 if req.stream:
                     resp = await self._stream(request, req, pieces, out)
@@ -503,8 +512,9 @@ class UserDaemon:
                         _describe(out.error), exc_info=None if isinstance(out.error, _UNAVAILABLE) else out.error)
             return
         how = "the client left" if out.gone else out.finish
-        log.info("session %d: %s completion: %d prompt tokens, %d tokens in %.2f s (%s)", index, kind,
-                 out.prompt_tokens, out.completion_tokens, took, how)
+        spec = "" if out.passes is None else f"; {out.passes} verify passes, {out.accepted} drafts accepted"
+        log.info("session %d: %s completion: %d prompt tokens, %d tokens in %.2f s (%s%s)", index, kind,
+                 out.prompt_tokens, out.completion_tokens, took, how, spec)
 
     def _reply(self, req: _Request, text: str, out: _Outcome) -> dict[str, Any]:
         if req.kind == "chat":
