@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["main"]
 
@@ -158,18 +158,25 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_lens(text: str) -> int | list[int]:
-    """``--prompt-len``: one length (an int), or a comma-separated list of them (the scaling bench)."""
+def _one_or_list(text: str, conv: Callable[[str], float], what: str, least: float) -> Any:
+    """A flag that takes one number or a comma-separated list of them, each at least ``least``."""
     try:
-        if "," not in text:
-            return int(text)
-        lens = [int(t) for t in text.split(",") if t.strip()]
+        vals = [conv(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a length or a comma-separated list of lengths, got {text!r}") \
-            from None
-    if not lens or min(lens) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive lengths, got {text!r}")
-    return lens
+        raise argparse.ArgumentTypeError(f"expected {what} or a comma-separated list of them, got {text!r}") from None
+    if not vals or min(vals) < least:
+        raise argparse.ArgumentTypeError(f"expected {what} of at least {least:g}, got {text!r}")
+    return vals if "," in text else vals[0]
+
+
+def _prompt_lens(text: str) -> int | list[int]:
+    """``--prompt-len``: one length, or a comma-separated list of them (the scaling bench)."""
+    return _one_or_list(text, int, "a prompt length", 1)
+
+
+def _rtts(text: str) -> float | list[float]:
+    """``--rtt``: one round-trip time (ms), or a comma-separated list of them (the speculation bench)."""
+    return _one_or_list(text, float, "a round-trip time in ms", 0)
 
 
 def _scaling(args: argparse.Namespace) -> int:
@@ -193,18 +200,6 @@ def _scaling(args: argparse.Namespace) -> int:
         plot_scaling(r, args.plot)
     print(json.dumps(r) if args.json else format_scaling(r))
     return 0
-
-
-def _rtts(text: str) -> float | list[float]:
-    """``--rtt``: one round-trip time (ms), or a comma-separated list of them (the speculation bench)."""
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds or a comma-separated list of them, got {text!r}") \
-            from None
-    if not vals or min(vals) < 0:
-        raise argparse.ArgumentTypeError(f"expected round-trip times >= 0, got {text!r}")
-    return vals if "," in text else vals[0]
 
 
 async def _bench_speculate(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ import torch
 
 import permllm
 from permllm.model import Arch, ModelFileError, from_transformers, load_model
+from permllm.model.forward import plan_route, weight_names, wide_weights
 from permllm.protocols import ShareConfig
 
 from .test_families import _NO_TOKENS, _save, PROMPT, NEW
@@ -42,6 +43,9 @@ async def test_gemma3_matches_transformers(tmp_path, route):
     assert a.windows == (4, 0, 4) and a.attn_scalar == 24.0 and a.embed_scale == pytest.approx(48 ** 0.5)
     assert a.layer_freqs[0] == a.layer_freqs[2] != a.layer_freqs[1]
     np.testing.assert_allclose(a.layer_freqs[1], 1.0 / 1000.0 ** (np.arange(0, 16, 2) / 16), rtol=1e-6)
+    # QK-norm keeps the fused op away: route 8 sets up what route 12 does (no wide ring, no masked qkv bias)
+    assert plan_route(a, route) == "12" and weight_names(a, route) == weight_names(a, "12")
+    assert wide_weights(a, route) == wide_weights(a, "12")
     async with await permllm.local(lm, config=ShareConfig(route=route)) as s:
         assert all(p.ring for p in (s.trio.user, s.trio.model, s.trio.helper))
         got = [t async for t in s.generate_ids(PROMPT, NEW)]
@@ -94,7 +98,7 @@ async def test_gemma3_270m_real_weights_match_transformers():
     want = [hf_greedy(hf, ids, GEMMA_NEW) for ids in prompts]
     del hf  # three parties in this process hold the 262,144 × 640 head and table each: free what is not needed
     gc.collect()
-    async with await permllm.local(lm) as s:  # the default configuration (route 8: its wide ring plan)
+    async with await permllm.local(lm) as s:  # the default configuration (route 8, set up as route 12: QK-norm)
         assert all(p.ring for p in (s.trio.user, s.trio.model, s.trio.helper))
         got = [[t async for t in s.generate_ids(ids, GEMMA_NEW)] for ids in prompts]
     assert got == want

@@ -37,7 +37,7 @@ from .layout import (from_qk_rows, merge_heads, pass_positions, positions, promp
 __all__ = ["Forward", "PlainOps", "PrivateOps", "StepShape", "weight_names", "calibrate", "public_bounds",
            "setup_embedding", "ring_table_meta", "RING_TABLE", "RingPlan", "Fx", "choose_ring_plan", "weight_fracs",
            "resolve_arith", "RING_FLOOR", "RING_FRONTIER", "layer_output", "layer_weight_names", "narrow_plan",
-           "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights", "takes_fused", "step_hops", "EDGE_HOPS",
+           "WIDE_FRONTIER", "PLAN_ORDER", "wide_weights", "takes_fused", "step_hops", "EDGE_HOPS", "plan_route",
            "ATTN8_MAX_KEYS"]
 
 RING_TABLE = "embed.ring"  # the dealt mode's ring-encoded embedding table (protocols/embedding.py)
@@ -88,6 +88,12 @@ def takes_fused(arch: Arch, route: str, layer: int, s: StepShape) -> bool:
             and not window_starts(arch, layer, s.valid).any() and not arch.qk_norm and s.past + s.T <= ATTN8_MAX_KEYS)
 
 
+def plan_route(arch: Arch, route: str) -> str:
+    """The route whose setup (masked weights, ring plan) ``route`` needs for ``arch``: "12" for route "8" where
+    the fused op never runs (QK-norm: :func:`takes_fused`), so no layer pays for its wide ring and weights."""
+    return "12" if route == "8" and arch.qk_norm else route
+
+
 def step_hops(arch: Arch, route: str, s: StepShape) -> int:
     """The dependent online hops step ``s`` takes by the hop model: 8 per layer on the fused op, 12 on the
     12-hop ops, and :data:`EDGE_HOPS` for the embedding, the final norm and token selection."""
@@ -102,6 +108,7 @@ def weight_names(arch: Arch, route: str = "12", offline: str = "dealer") -> list
     8-hop attention route also needs the qkv bias as a masked weight (U and H use it for the
     new key's score; see :mod:`permllm.protocols.attention`).
     """
+    route = plan_route(arch, route)
     out = [("embed", "dense")] if arch.tied_head or offline == "he" else []
     for i in range(arch.layers):
         out += [(f"L{i}.qkv", "dense"), (f"L{i}.o", "dense"), (f"L{i}.mlp_in", "dense"), (f"L{i}.mlp_out", "dense")]
@@ -496,6 +503,7 @@ class Fx:
 def wide_weights(arch: Arch, route: str = "12") -> list[str]:
     """The weights a wide plan also sets up mod each prime: those of the attention block's linears (and the
     8-hop route's masked qkv bias)."""
+    route = plan_route(arch, route)
     extra = ((("res_in",) if arch.residual == "alpha" else ()) + (("qkv.b",) if route == "8" and arch.qkv_bias else ())
              + (("qn", "kn") if arch.qk_norm else ()) + (("post_attn",) if arch.post_norms else ()))
     return [f"L{i}.{k}" for i in range(arch.layers) for k in ("qkv", "o", *extra)]
@@ -517,14 +525,15 @@ def weight_fracs(arch: Arch, weights: ModelWeights, plan: RingPlan, route: str =
 def choose_ring_plan(weights: ModelWeights, mags: dict[str, Any], route: str = "12",
                      layer: int | None = None) -> RingPlan:
     """The first plan of :data:`PLAN_ORDER` (Z_2^64 down to :data:`RING_FLOOR`, then the wide plans, then coarser
-    Z_2^64 ones; the 8-hop route: the wide plans only) whose every shared value fits its ring with one bit to
-    spare (a scales-only run of the forward over a prefill and a decode step); RingOverflow if none does.
+    Z_2^64 ones; the 8-hop route where it runs, :func:`plan_route`: the wide plans only) whose every shared value
+    fits its ring with one bit to spare (a scales-only run of the forward over a prefill and a decode step);
+    RingOverflow if none does.
 
     ``layer``: the scales-only run is of that decoder layer alone (a benchmark of one layer holds only its
     weights), from the embedding's scale and again from its own output's scale and ring (:func:`layer_output`: what
     every later layer receives)."""
     last: Exception | None = None
-    for plan in (WIDE_FRONTIER if route == "8" else PLAN_ORDER):
+    for plan in (WIDE_FRONTIER if plan_route(weights.arch, route) == "8" else PLAN_ORDER):
         last = _misfit(weights, mags, plan, layer)
         if last is None:
             return plan
