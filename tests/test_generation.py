@@ -130,6 +130,7 @@ async def test_a_caller_that_stops_early_leaves_the_session_clean(tmp_path, offl
         for p in s.trio.parties:
             left = [k for k in p.store if type(k[1]) is int and k[1] >= 0]
             assert not left, f"{p.role.value} kept {left[:3]}"
+            assert not p.caches, f"{p.role.value} kept the KV caches {list(p.caches)[:3]}"
             assert all(ch.unread == 0 for ch in p.channels.values()), (p.role.value, [ch.unread for ch in
                                                                                        p.channels.values()])
 

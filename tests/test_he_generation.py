@@ -108,3 +108,4 @@ async def test_light_user_draws_decode_masks_after_the_exchange_and_forgets_unus
         for p in (user, model):
             left = [k for k in p.store if type(k[1]) is int and k[1] >= 0]
             assert not left, f"{p.role.value} kept {left[:3]}"
+            assert not p.caches, f"{p.role.value} kept the KV caches {list(p.caches)[:3]}"

@@ -26,10 +26,11 @@ N = 24
 
 
 def _clean(s: permllm.Session) -> None:
-    """No party keeps correlations or unread messages of a generation that ended."""
+    """No party keeps correlations, KV caches or unread messages of a generation that ended."""
     for p in s.trio.parties:
         left = [k for k in p.store if type(k[1]) is int and k[1] >= 0]
         assert not left, f"{p.role.value} kept {left[:3]}"
+        assert not p.caches, f"{p.role.value} kept the KV caches {list(p.caches)[:3]}"
         assert all(ch.unread == 0 for ch in p.channels.values()), p.role.value
 
 

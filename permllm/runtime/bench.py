@@ -150,10 +150,9 @@ async def bench_model(model: str, tokens: int = 16, prompt_len: int = 64, rtt_ms
     steps = r.step_s
     dec = _decode(recs)
     n_dec = max(len(steps) - 1, 1)
-    select = {}  # per decode token, the token selection's online wall time (the slower of M and U)
-    for x in dec:
-        if x.name == "select" and x.party in ("model", "user"):
-            select[x.token] = max(select.get(x.token, 0.0), x.wall_s)
+    # Per decode token, token selection's share of the step's critical path: the model party's select op, from
+    # its logits share to its answer (U's select op also waits for M's head linear, which is not selection).
+    select = {x.token: x.wall_s for x in dec if x.name == "select" and x.party == "model"}
     online = float(np.mean(steps[1:] or steps))
     return {
         "target": model, "tokens": len(steps), "prompt_len": prompt_len, "rtt_ms": rtt_ms,

@@ -346,6 +346,13 @@ class _Party:
             if key.startswith(prefix) and v.shape[-2] > rows:
                 self.p.caches[key] = v[..., :rows, :]
 
+    def drop_caches(self, g: _Gen) -> None:
+        """Drop generation ``g``'s KV caches (every array under its prefix) once it has ended here: no later
+        generation reads them, and a long session would otherwise hold every past generation's."""
+        prefix = f"g{g.index}."
+        for key in [k for k in self.p.caches if k.startswith(prefix)]:
+            del self.p.caches[key]
+
     def _gate(self, phase: str, g: _Gen, step: int) -> Callable[[int], Awaitable[None]]:
         """The per-layer pacing of a chunk of the prompt (:class:`_Pace`) in ``phase``."""
         pace = self.pace
@@ -596,6 +603,7 @@ class ModelSession(_Party):
             finally:
                 await _cancel(off)
                 self.p.forget(g.tokens)
+                self.drop_caches(g)
             # Once U and H have sent all they will for this generation, what they sent for steps
             # that did not run is dropped.
             for r in (Role.USER, Role.HELPER):
@@ -660,6 +668,7 @@ class HelperSession(_Party):
                 await _cancel(off)
                 await _cancel(self.off)  # type: ignore[arg-type]
                 await _cancel(credit)
+                self.drop_caches(g)
             self.p.discard_unread(g.tokens)  # U's credits for steps H had dealt already
             self.tell_end(g, Role.MODEL, Role.USER)
 
@@ -859,6 +868,7 @@ class UserSession(_Party):
             if not done:  # a failure: the session is over; drop this generation's state
                 await _cancel(off)
                 p.forget(g.tokens)
+                self.drop_caches(g)
 
     async def end(self, g: _Gen, last: int, off: asyncio.Task, stop: object = False) -> None:
         """End a generation after step ``last`` (whose control message ``stop`` M waits for: false, or
@@ -867,6 +877,7 @@ class UserSession(_Party):
         self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), stop)
         await _cancel(off)
         self.p.forget(g.tokens)
+        self.drop_caches(g)
         self.tell_end(g, Role.MODEL, Role.HELPER)
         await self.await_end(g, Role.HELPER)
         self.p.discard_unread(g.tokens)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -79,11 +79,11 @@ async def _run(session: Any, ids: list[int], tokens: int, spec: Any, offline_fir
 
 
 async def bench_speculate(model: str = "smollm2", drafter: Callable[[], Drafter] | None = None, draft_tokens: int = 0,
-                          rtts: list[float] = (0.0, 10.0, 40.0), bandwidth_mbit: float | None = None,  # type: ignore[assignment]
+                          rtts: Sequence[float] = (0.0, 10.0, 40.0), bandwidth_mbit: float | None = None,
                           tokens: int = 32, per_kind: int = 2, transport: str = "memory",
                           config: ShareConfig | None = None,
                           progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Plain decoding vs speculative decoding (``drafter()`` per generation, ``draft_tokens`` a pass or 0 for
+    """Plain decoding vs speculative decoding (``drafter()`` per prompt, ``draft_tokens`` a pass or 0 for
     :class:`~.speculate.CostAwareK`) on the first ``per_kind`` prompts of each kind of :data:`PROMPTS`, up to
     ``tokens`` new tokens each, at each RTT in ``rtts`` (ms; ``bandwidth_mbit`` per link, None: unlimited).
     ``progress`` gets each row as it is measured."""
