@@ -221,8 +221,8 @@ async def _bench_speculate(args: argparse.Namespace) -> int:
               f"-> {row['speculate']['online_s_per_token']:.3f} ({row['bench_s']:.0f} s)", file=sys.stderr, flush=True)
     rtts = args.rtt if isinstance(args.rtt, list) else [args.rtt]
     r = await bench_speculate(args.target, lambda: make_drafter(v["speculate"], v["draft"]), v["draft_tokens"], rtts,
-                              args.bandwidth,
-                              args.tokens, args.prompts, args.transport, _config(args), progress)
+                              args.bandwidth, args.tokens, args.prompts, [k for k in args.kinds.split(",") if k],
+                              args.transport, _config(args), progress)
     print(json.dumps(r) if args.json else format_speculate(r))
     return 0
 
@@ -379,6 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     add_key_flags(b, SPECULATE_KEYS)
     b.add_argument("--prompts", type=int, default=2, metavar="N",
                    help="with --speculate: the first N prompts of each kind (copying tasks, open questions; 4 each)")
+    b.add_argument("--kinds", default="copy,open", metavar="KIND[,KIND]",
+                   help="with --speculate: the kinds of prompt, copy (copying and extraction tasks) and/or open")
     _share_args(b)
     b.set_defaults(fn=lambda a: asyncio.run(_bench(a)))
 

@@ -46,3 +46,5 @@ def test_cli_refuses_what_the_speculation_bench_cannot_run(capsys):
         main(["bench", "smollm2", "--rtt", "0,10"])
     assert main(["bench", "smollm2", "--speculate", "draft"]) == 2  # no --draft: a clear error
     assert "speculate = 'draft' needs draft" in capsys.readouterr().err
+    assert main(["bench", "smollm2", "--speculate", "prompt-lookup", "--kinds", "copy,quote"]) == 2
+    assert "kinds of prompt: some of copy, open, got copy, quote" in capsys.readouterr().err

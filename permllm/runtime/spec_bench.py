@@ -80,20 +80,23 @@ async def _run(session: Any, ids: list[int], tokens: int, spec: Any, offline_fir
 
 async def bench_speculate(model: str = "smollm2", drafter: Callable[[], Drafter] | None = None, draft_tokens: int = 0,
                           rtts: Sequence[float] = (0.0, 10.0, 40.0), bandwidth_mbit: float | None = None,
-                          tokens: int = 32, per_kind: int = 2, transport: str = "memory",
+                          tokens: int = 32, per_kind: int = 2, kinds: Sequence[str] = tuple(PROMPTS),
+                          transport: str = "memory",
                           config: ShareConfig | None = None,
                           progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Plain decoding vs speculative decoding (``drafter()`` per prompt, ``draft_tokens`` a pass or 0 for
-    :class:`~.speculate.CostAwareK`) on the first ``per_kind`` prompts of each kind of :data:`PROMPTS`, up to
+    :class:`~.speculate.CostAwareK`) on the first ``per_kind`` prompts of each of ``kinds`` (:data:`PROMPTS`), up to
     ``tokens`` new tokens each, at each RTT in ``rtts`` (ms; ``bandwidth_mbit`` per link, None: unlimited).
     ``progress`` gets each row as it is measured."""
     from .. import local
     from ..model import load_model
     from .speculate import PromptLookup
 
+    if not kinds or set(kinds) - set(PROMPTS):
+        raise ValueError(f"kinds of prompt: some of {', '.join(PROMPTS)}, got {', '.join(kinds) or 'none'}")
     drafter = drafter or PromptLookup
     lm = await asyncio.to_thread(load_model, model)
-    prompts = {k: [encode_prompt(lm.tokenizer, t) for t in v[:per_kind]] for k, v in PROMPTS.items()}
+    prompts = {k: [encode_prompt(lm.tokenizer, t) for t in PROMPTS[k][:per_kind]] for k in kinds}
     eos = {int(t) for t in lm.arch.eos_ids}
     ref = {k: await asyncio.to_thread(_greedy, model, v, tokens, eos) for k, v in prompts.items()}
     rows: list[dict[str, Any]] = []

@@ -263,7 +263,7 @@ class CostAwareK(AdaptiveK):
     hindsight, so a rises again when the text turns predictable.
     """
 
-    def __init__(self, cost: Callable[[int, int], float], k_max: int = 8, decay: float = 0.7,
+    def __init__(self, cost: Callable[[int, int], float], k_max: int = 16, decay: float = 0.7,
                  row_cost: float = 2.0) -> None:
         super().__init__(k_max, 0, 0)
         if not 0 < decay <= 1 or row_cost < 0:
