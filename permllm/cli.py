@@ -204,9 +204,8 @@ def _scaling(args: argparse.Namespace) -> int:
 
 async def _bench_speculate(args: argparse.Namespace) -> int:
     """``permllm bench MODEL --speculate …``: decoding vs speculative decoding at each RTT, same run."""
-    from .runtime.spec_bench import bench_speculate, format_speculate
-
     from .runtime.config import SPECULATE_KEYS, flag_values
+    from .runtime.spec_bench import bench_speculate, format_speculate
     from .runtime.speculate import make_drafter
 
     if args.target not in ("smollm2", "gemma3-270m") or isinstance(args.prompt_len, list):

@@ -73,6 +73,15 @@ class Key:
         return "cfg_" + self.name.replace(".", "_")
 
 
+def _draft_tokens(v: str) -> int:
+    """The --draft-tokens flag: a number of drafts >= 0, or auto (0: adaptive)."""
+    if v == "auto":
+        return 0
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {v!r}")
+    return int(v)
+
+
 KEYS: tuple[Key, ...] = (
     Key("listen", str, "127.0.0.1:0", "--listen", ALL, "HOST:PORT to listen on (port 0: any free port); the user "
         "party serves its OpenAI-compatible HTTP endpoint there", metavar="HOST:PORT", serve=True),
@@ -88,21 +97,22 @@ KEYS: tuple[Key, ...] = (
     Key("ratio", float, None, "--ratio", ALL, "mask ratio R (default 2^12); all three parties must agree"),
     Key("route", str, "auto", "--route", ALL, f"attention route in decode, one of {', '.join(ROUTE_CHOICES)} (online "
         "hops per layer; auto: 8 in the dealt mode unless --arith float, else 12); all three parties must agree",
-        metavar="ROUTE"),
+        metavar="ROUTE", choices=tuple(ROUTE_CHOICES)),
     Key("offline", str, "dealer", "--offline", ALL, f"offline phase of the linear layers, one of "
         f"{', '.join(OFFLINE_MODES)}: 'he' is the light client (CKKS products with the model party, no "
-        "model-sized state at the user); all three parties must agree", metavar="MODE"),
+        "model-sized state at the user); all three parties must agree", metavar="MODE",
+        choices=tuple(OFFLINE_MODES)),
     Key("arith", str, "auto", "--arith", ALL, f"share arithmetic, one of {', '.join(ARITHS)}: 'ring' is exact "
         "fixed point on Z_2^64 (perfect hiding; the dealt mode), 'float' real numbers (statistical "
         "hiding); 'auto' takes the ring where the model fits it at float-like precision; all three parties must "
-        "agree", metavar="ARITH"),
+        "agree", metavar="ARITH", choices=tuple(ARITHS)),
     Key("speculate", str, "off", "--speculate", frozenset({USER}), "speculative decoding: the user drafts tokens "
         "(prompt-lookup: copies from the context; draft: a small public model with the same tokenizer) and one "
         "private pass verifies them; the same tokens in fewer hops (the dealt mode only)", metavar="MODE",
         choices=SPECULATE_MODES),
     Key("draft_tokens", int, 0, "--draft-tokens", frozenset({USER}), "drafts per verify pass (0, or auto on the "
         "command line: as many as the recent acceptance makes worth a pass's hops)", metavar="K",
-        parse=lambda v: _draft_tokens(v)),
+        parse=_draft_tokens),
     Key("draft", str, None, "--draft", frozenset({USER}), "the draft model for speculate = 'draft' (a named model "
         "or a local Hugging Face directory)", metavar="MODEL"),
     Key("model_fingerprint", str, None, "--model-fingerprint", frozenset({HELPER, USER}),
@@ -194,12 +204,6 @@ def _check(key: Key, value: Any, where: str) -> Any:
             check_dtype(value)
         except ValueError as e:
             raise ConfigError(f"{where}: dtype: {e}") from None
-    if key.name == "route" and value not in ROUTE_CHOICES:
-        raise ConfigError(f"{where}: route must be one of {', '.join(ROUTE_CHOICES)}, got {value!r}")
-    if key.name == "arith" and value not in ARITHS:
-        raise ConfigError(f"{where}: arith must be one of {', '.join(ARITHS)}, got {value!r}")
-    if key.name == "offline" and value not in OFFLINE_MODES:
-        raise ConfigError(f"{where}: offline must be one of {', '.join(OFFLINE_MODES)}, got {value!r}")
     if key.choices and value not in key.choices:
         raise ConfigError(f"{where}: {key.name} must be one of {', '.join(key.choices)}, got {value!r}")
     if key.name == "draft_tokens" and value < 0:
@@ -309,18 +313,7 @@ def _add_flag(parser: argparse.ArgumentParser, k: Key) -> None:
     else:
         parser.add_argument(k.flag, dest=dest, type=k.parse or (dtype_arg if k.name == "dtype" else k.type),
                             default=None, metavar=k.metavar or k.type.__name__.upper(),
-                            choices={"route": list(ROUTE_CHOICES), "offline": list(OFFLINE_MODES),
-                                     "arith": list(ARITHS)}.get(k.name, list(k.choices) or None),
-                            help=k.help)
-
-
-def _draft_tokens(v: str) -> int:
-    """The --draft-tokens flag: a number of drafts >= 0, or auto (0: adaptive)."""
-    if v == "auto":
-        return 0
-    if not v.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 or auto, got {v!r}")
-    return int(v)
+                            choices=list(k.choices) or None, help=k.help)
 
 
 def dtype_arg(value: str) -> str:

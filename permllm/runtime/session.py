@@ -298,10 +298,11 @@ class _Party:
             pace.passed_offline(step, self.arch.layers + 1)  # type: ignore[union-attr]
             self.offline_s += time.perf_counter() - t0
 
+        async def online(layer: int) -> None:
+            await _first(pace.online_may_enter(step, layer), off)
+
         off = asyncio.create_task(offline())
         try:
-            async def online(layer: int) -> None:
-                await _first(pace.online_may_enter(step, layer), off)
             await online(-1)  # the embedding
             got = await self.verify("online", g, sp, ids, rngs, sampler, gate=online)
             await off
@@ -346,9 +347,11 @@ class _Party:
             if key.startswith(prefix) and v.shape[-2] > rows:
                 self.p.caches[key] = v[..., :rows, :]
 
-    def drop_caches(self, g: _Gen) -> None:
-        """Drop generation ``g``'s KV caches (every array under its prefix) once it has ended here: no later
-        generation reads them, and a long session would otherwise hold every past generation's."""
+    def forget(self, g: _Gen) -> None:
+        """Drop what this party holds of generation ``g`` once it has ended here: what the offline phase kept
+        for its tokens and its KV caches (every array under its prefix). No later generation reads them, and
+        a long session would otherwise hold every past generation's caches."""
+        self.p.forget(g.tokens)
         prefix = f"g{g.index}."
         for key in [k for k in self.p.caches if k.startswith(prefix)]:
             del self.p.caches[key]
@@ -602,8 +605,7 @@ class ModelSession(_Party):
                         break
             finally:
                 await _cancel(off)
-                self.p.forget(g.tokens)
-                self.drop_caches(g)
+                self.forget(g)
             # Once U and H have sent all they will for this generation, what they sent for steps
             # that did not run is dropped.
             for r in (Role.USER, Role.HELPER):
@@ -668,7 +670,7 @@ class HelperSession(_Party):
                 await _cancel(off)
                 await _cancel(self.off)  # type: ignore[arg-type]
                 await _cancel(credit)
-                self.drop_caches(g)
+                self.forget(g)
             self.p.discard_unread(g.tokens)  # U's credits for steps H had dealt already
             self.tell_end(g, Role.MODEL, Role.USER)
 
@@ -834,15 +836,15 @@ class UserSession(_Party):
                 step = sp.step
                 self.rollback(g, sp.past)
                 rows, rngs = [ctx[-1]] + drafts, [draws.at(sp.emitted + i) for i in range(sp.k + 1)]
-                dealt = 0.0  # offline seconds before the online phase (offline_first: all of them)
+                dealt = self.offline_s  # the pass's offline seconds (overlapped: part of its online wait)
                 if offline_first:  # the pass's offline phase first: its online time is measurable alone
                     t1 = time.perf_counter()
                     await self.verify("offline", g, sp)
-                    dealt = time.perf_counter() - t1
-                    self.offline_s += dealt
+                    self.offline_s += time.perf_counter() - t1
                     chosen = await self.verify("online", g, sp, rows, rngs, sampler)
                 else:
                     chosen = await self.overlapped(g, sp, rows, rngs, sampler)
+                dealt = self.offline_s - dealt
                 emit = speculate.settle(drafts, chosen)  # type: ignore[arg-type]
                 keep = len(emit) - 1
                 stop = {"go": False, "keep": keep, "next": 0}
@@ -867,8 +869,7 @@ class UserSession(_Party):
         finally:
             if not done:  # a failure: the session is over; drop this generation's state
                 await _cancel(off)
-                p.forget(g.tokens)
-                self.drop_caches(g)
+                self.forget(g)
 
     async def end(self, g: _Gen, last: int, off: asyncio.Task, stop: object = False) -> None:
         """End a generation after step ``last`` (whose control message ``stop`` M waits for: false, or
@@ -876,8 +877,7 @@ class UserSession(_Party):
         drop everything kept or received for steps that will not run."""
         self.p.view("online", g.base + last).send(Role.MODEL, ("ctl", g.index, last), stop)
         await _cancel(off)
-        self.p.forget(g.tokens)
-        self.drop_caches(g)
+        self.forget(g)
         self.tell_end(g, Role.MODEL, Role.HELPER)
         await self.await_end(g, Role.HELPER)
         self.p.discard_unread(g.tokens)

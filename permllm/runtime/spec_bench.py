@@ -74,7 +74,8 @@ async def _run(session: Any, ids: list[int], tokens: int, spec: Any, offline_fir
     got = [t async for t in session.generate_ids(ids, tokens, offline_first=offline_first, speculate=spec)]
     r = session.last
     steps, dealt = np.array(r.step_s[1:]), np.array(r.offline_step_s[1:len(r.step_s)])
-    return {"ids": got, "hops": r.online_hops, "s": float(steps.sum() - (dealt.sum() if spec is not None else 0.0)),
+    taken_out = dealt.sum() if spec is not None and offline_first else 0.0  # a pass's offline phase, done first
+    return {"ids": got, "hops": r.online_hops, "s": float(steps.sum() - taken_out),
             "passes": len(r.drafted), "drafted": sum(r.drafted), "accepted": sum(r.accepted)}
 
 

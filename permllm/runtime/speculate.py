@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-__all__ = ["Drafter", "PromptLookup", "DraftModel", "make_drafter", "accept", "AdaptiveK", "CostAwareK", "SpecStats", "Speculator",
-           "speculative_generate", "GreedyVerifier", "Verify"]
+__all__ = ["Drafter", "PromptLookup", "DraftModel", "make_drafter", "accept", "AdaptiveK", "CostAwareK", "SpecStats",
+           "Speculator", "speculative_generate", "GreedyVerifier", "Verify"]
 
 Verify = Callable[[list[int], list[int]], list[int]]  # (context, K drafts) -> the K + 1 chosen tokens
 
